@@ -1,0 +1,31 @@
+"""Shared test set-up: Hypothesis profiles and small helpers.
+
+Profiles are chosen with the HYPOTHESIS_PROFILE environment variable:
+  ci        (default) few examples, no deadline: the whole suite fits in `make test`'s budget.
+  thorough  many examples, for a deep local run:  HYPOTHESIS_PROFILE=thorough make test
+"""
+import os
+
+import torch
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "ci",
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    derandomize=True,
+    print_blob=True,
+)
+settings.register_profile(
+    "thorough",
+    max_examples=500,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    print_blob=True,
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+# Two cores are shared by the test process and the processes it spawns: one thread each keeps
+# timings of the suite predictable and avoids oversubscription.
+torch.set_num_threads(1)

@@ -1,0 +1,31 @@
+"""Named Hypothesis strategies reused across the suite (the minitorch habit).
+
+Each strategy makes awkward cases on purpose: sizes that do not divide a block or a world size,
+empty and single-element tensors, non-contiguous views.
+"""
+import hypothesis.strategies as st
+import torch
+
+seeds = st.integers(min_value=0, max_value=2**31 - 1)
+small_floats = st.floats(min_value=-1e3, max_value=1e3, allow_nan=False, allow_infinity=False)
+positive_floats = st.floats(min_value=1e-6, max_value=1e3, allow_nan=False, allow_infinity=False)
+
+
+@st.composite
+def shapes(draw, min_dims=1, max_dims=3, min_side=1, max_side=8):
+    """A tensor shape, e.g. (3,), (5, 1, 7)."""
+    n = draw(st.integers(min_dims, max_dims))
+    return tuple(draw(st.integers(min_side, max_side)) for _ in range(n))
+
+
+@st.composite
+def tensors(draw, shape=None, dtype=torch.float64, scale=10.0, noncontiguous=None):
+    """A seeded random tensor; sometimes a non-contiguous (transposed) view of the same values."""
+    shape = shape if shape is not None else draw(shapes())
+    gen = torch.Generator().manual_seed(draw(seeds))
+    if noncontiguous is None:
+        noncontiguous = draw(st.booleans())
+    if noncontiguous and len(shape) >= 2:
+        swapped = (*shape[:-2], shape[-1], shape[-2])
+        return (torch.randn(*swapped, generator=gen, dtype=dtype) * scale).transpose(-1, -2)
+    return torch.randn(*shape, generator=gen, dtype=dtype) * scale
