@@ -1,0 +1,178 @@
+"""Lesson 08 - attention three ways: the O(T^2) matrix (naive), tiles (flash), the built-in (SDPA).
+
+Objective: see, with measured numbers, why FlashAttention exists. The textbook attention builds
+the (T, T) score and probability matrices and autograd keeps them for backward, so its memory
+grows with T^2. FlashAttention-2 (minitrain.attention.flash_attention) walks over tiles with an
+online softmax and keeps only O and the log-sum-exp, so its extra memory grows with T. The
+built-in torch.nn.functional.scaled_dot_product_attention (SDPA) uses a fused flash-style kernel.
+
+Serves: hour 2 ("the speed ladder"), slide "attention: the matrix vs the tiles"; the animation
+animations/flash_tiling.py shows the tile sweep this lesson measures.
+
+Prerequisites: softmax, matrix multiplication, what autograd saves for backward.
+
+What it does:
+1. asserts that naive, flash and SDPA give the same output and gradients (float64);
+2. for T = 512, 1024, 2048 (B=1, H=4, D=64, causal, float32) runs each method in a FRESH
+   subprocess and measures forward+backward time (median of 3, after the first call) and the
+   peak extra resident memory: on Linux /proc/self/clear_refs resets the high-water mark, then
+   VmHWM - VmRSS(before) is what the first forward+backward added (elsewhere: ru_maxrss delta).
+   A fresh process per cell, because memory an earlier cell freed stays mapped and hides growth;
+3. prints a table, saves outputs/lesson08/attention.png, and asserts its claims: naive's
+   memory grows ~T^2 (doubling T multiplies it by > 3), flash's stays a small fraction of naive's.
+
+Timings are from a shared 2-core CPU with one torch thread per cell: read ratios, not absolutes.
+Pure-PyTorch flash is SLOWER than naive here (Python loop over tiles, no on-chip SRAM); the win
+that remains on a CPU is memory.
+"""
+import json
+import os
+import pathlib
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from minitrain.attention import flash_attention, naive_attention  # noqa: E402
+
+OUT_DIR = pathlib.Path("outputs/lesson08")
+SEQ_LENS = (512, 1024, 2048)
+BATCH, HEADS, HEAD_DIM = 1, 4, 64
+METHODS = ("naive", "flash", "sdpa")
+TIMED_REPEATS = 3
+
+
+def attention_fn(method):
+    if method == "naive":
+        return lambda q, k, v: naive_attention(q, k, v, causal=True)
+    if method == "flash":
+        return lambda q, k, v: flash_attention(q, k, v, causal=True, block_size=64)
+    return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def _status_bytes(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def measure_peak_extra_bytes(step):
+    """Run step() once; return (peak resident bytes added by it, how it was measured)."""
+    try:
+        rss_before = _status_bytes("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM (the peak RSS) to the current RSS
+        step()
+        return _status_bytes("VmHWM") - rss_before, "VmHWM after clear_refs"
+    except OSError:
+        unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        step()
+        return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * unit, "ru_maxrss delta"
+
+
+def run_cell(method, T):
+    """Inside a fresh process: peak extra memory of the first fwd+bwd, then median time."""
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(BATCH, HEADS, T, HEAD_DIM, generator=gen).requires_grad_() for _ in range(3))
+    grad_out = torch.randn(BATCH, HEADS, T, HEAD_DIM, generator=gen)
+    fn = attention_fn(method)
+
+    def step():
+        fn(q, k, v).backward(grad_out)
+
+    peak, how = measure_peak_extra_bytes(step)
+    times = []
+    for _ in range(TIMED_REPEATS):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    print(json.dumps({"method": method, "T": T, "peak_bytes": peak, "how": how,
+                      "median_s": statistics.median(times)}))
+
+
+def check_equal():
+    """All three methods: same output and gradients (float64, T not a multiple of the block)."""
+    gen = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(2, 3, 150, 16, generator=gen, dtype=torch.float64).requires_grad_() for _ in range(3))
+    grad_out = torch.randn(2, 3, 150, 16, generator=gen, dtype=torch.float64)
+    results = {}
+    for method in METHODS:
+        out = attention_fn(method)(q, k, v)
+        results[method] = (out, *torch.autograd.grad(out, (q, k, v), grad_out))
+    for method in ("naive", "flash"):
+        for got, ref in zip(results[method], results["sdpa"]):
+            torch.testing.assert_close(got, ref, atol=1e-10, rtol=1e-8)
+    print("equality: naive == flash == SDPA (output, dq, dk, dv; float64, T=150, block 64)  OK")
+
+
+def main():
+    check_equal()
+    rows = {}
+    for T in SEQ_LENS:
+        for method in METHODS:
+            proc = subprocess.run([sys.executable, __file__, "--cell", method, str(T)],
+                                  capture_output=True, text=True, timeout=120)
+            if proc.returncode != 0:
+                raise RuntimeError(f"cell {method} T={T} failed:\n{proc.stderr[-2000:]}")
+            rows[(method, T)] = json.loads(proc.stdout.strip().splitlines()[-1])
+    how = rows[("naive", SEQ_LENS[0])]["how"]
+    print(f"\nB={BATCH} H={HEADS} D={HEAD_DIM} causal float32, forward+backward, 1 thread, "
+          f"fresh process per cell, peak = {how}")
+    print(f"{'T':>5} | {'method':6} | {'time ms':>8} | {'peak extra MiB':>14} | {'one TxT matrix MiB':>18}")
+    for T in SEQ_LENS:
+        matrix_mib = BATCH * HEADS * T * T * 4 / 2**20
+        for method in METHODS:
+            r = rows[(method, T)]
+            print(f"{T:>5} | {method:6} | {r['median_s'] * 1e3:8.1f} | {r['peak_bytes'] / 2**20:14.1f} | "
+                  f"{matrix_mib:18.1f}")
+
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
+    colors = {"naive": "#C53030", "flash": "#C9A227", "sdpa": "#1A365D"}
+    for method in METHODS:
+        ax_t.plot(SEQ_LENS, [rows[(method, T)]["median_s"] * 1e3 for T in SEQ_LENS], "o-",
+                  color=colors[method], label=method)
+        ax_m.plot(SEQ_LENS, [rows[(method, T)]["peak_bytes"] / 2**20 for T in SEQ_LENS], "o-",
+                  color=colors[method], label=method)
+    ax_m.plot(SEQ_LENS, [BATCH * HEADS * T * T * 4 / 2**20 for T in SEQ_LENS], "--", color="#718096",
+              label="one (T, T) fp32 matrix")
+    for ax, title, unit in ((ax_t, "forward+backward time", "ms"), (ax_m, "peak extra memory", "MiB")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length T")
+        ax.set_ylabel(unit)
+        ax.set_title(title)
+        ax.legend()
+    fig.suptitle("Lesson 08: naive O(T^2) matrix vs flash tiles vs SDPA (measured, 2-core CPU)")
+    fig.tight_layout()
+    tmp = OUT_DIR / "attention.tmp.png"
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, OUT_DIR / "attention.png")
+    plt.close(fig)
+    print(f"figure: {OUT_DIR / 'attention.png'}")
+
+    naive_growth = rows[("naive", SEQ_LENS[-1])]["peak_bytes"] / rows[("naive", SEQ_LENS[-2])]["peak_bytes"]
+    flash_share = rows[("flash", SEQ_LENS[-1])]["peak_bytes"] / rows[("naive", SEQ_LENS[-1])]["peak_bytes"]
+    print(f"naive memory x{naive_growth:.2f} when T doubles; flash uses {flash_share:.3f}x naive's "
+          f"memory at T={SEQ_LENS[-1]}")
+    assert naive_growth > 3.0, "naive attention memory should grow ~4x when T doubles"
+    assert flash_share < 0.25, "flash attention should need a small fraction of naive's memory"
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--cell":
+        run_cell(sys.argv[2], int(sys.argv[3]))
+    else:
+        main()

@@ -1,0 +1,199 @@
+"""Lesson 15 — hyperparameter search within a budget.
+
+Objective: see why the classic "try every combination" grid is unaffordable (count it and cost it
+from a measured run), then run a right-sized staged search on the tiny GPT instead:
+  stage 1  an lr sweep, coarse-to-fine (lr matters most; sweep it alone, log-spaced),
+  stage 2  successive halving over lr x warmup x weight decay (many configs on a small budget,
+           keep the best third, triple the budget),
+  stage 3  the finalists again over several seeds: the single-seed winner is a waypoint,
+           not a verdict, when the seed-to-seed spread is as large as the gap between configs.
+Every trial is logged to a JSONL file; rerunning a stage with its log trains nothing.
+
+Slide/lab: "Tuning: search with evidence, within a budget" (the course's last lever).
+Prerequisites: lesson 03 (warmup + cosine: what max_lr, warmup_steps and min_lr mean), lesson 07
+(fair timing), `minitrain.train` (the trainer this search calls), `minitrain.hparam`.
+
+Run: python lessons/15_hparam_search.py   (< 60 s on 2 cores; figures in outputs/lesson15/)
+"""
+import math
+import pathlib
+import statistics
+import time
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from minitrain import hparam  # noqa: E402
+from minitrain.train import TrainConfig  # noqa: E402
+
+OUT = pathlib.Path("outputs/lesson15")
+NAVY, GOLD, MUTED, TEXT, PANEL = "#1A365D", "#C9A227", "#A0AEC0", "#2D3748", "#F0F4F8"
+
+# The classic course grid (8 axes): every combination is one full training run.
+CLASSIC_GRID = {
+    "batch_size": [2, 4, 8, 16],
+    "drop_rate": [0.0, 0.1, 0.2],
+    "warmup_iters": [10, 20, 30],
+    "weight_decay": [0.1, 0.01, 0.0],
+    "peak_lr": [1e-4, 5e-4, 1e-3, 5e-3],
+    "initial_lr": [5e-5, 1e-4],
+    "min_lr": [5e-5, 1e-5, 1e-4],
+    "n_epochs": [5, 10, 15, 20, 25],
+}
+
+CORPUS_BYTES = 200_000  # the first 200 kB of the default corpus: 90% train, last 10% validation
+MAX_BUDGET = 90  # optimizer steps of a finalist; halving rounds use 10 and 30
+SEEDS = [0, 1, 2]
+TINY = dict(n_layer=2, n_head=2, n_embd=32, seq_len=32, batch_size=8, eval_iters=8,
+            warmup_steps=10, min_lr=1e-5, corpus_bytes=CORPUS_BYTES)
+
+
+def fmt_config(config):
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                     for k, v in config.items())
+
+
+def stage_lr_sweep(train_fn, log):
+    """Stage 1: max_lr alone, coarse decades then log-spaced points around the best."""
+    space = {"max_lr": [1e-4, 1e-3, 1e-2, 1e-1]}
+    return hparam.search(space, train_fn, strategy="coarse_to_fine", budget=MAX_BUDGET // 3,
+                         fine_points=1, log_path=log, progress=False)
+
+
+def stage_halving(train_fn, log, best_lr):
+    """Stage 2: 12 configs around the stage-1 lr; halving with eta=3 to one finalist."""
+    lrs = [float(f"{best_lr * f:.2g}") for f in (1 / 3, 1, 3)]
+    space = {"max_lr": lrs, "warmup_steps": [0, 20], "weight_decay": [0.0, 0.1]}
+    return space, hparam.search(space, train_fn, strategy="halving", budget=MAX_BUDGET, eta=3,
+                                seeds=[0], log_path=log, progress=True)
+
+
+def plot_lr_and_seeds(sweep, finalists, path):
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.8), facecolor="#FAFAFA")
+    for axis in (ax, bx):
+        axis.set_facecolor(PANEL)
+    for stage, color, label in ((0, MUTED, "coarse (decades)"), (1, NAVY, "fine (log-spaced)")):
+        rows = sweep.rounds[stage]["ranked"]
+        ax.scatter([r["config"]["max_lr"] for r in rows], [r["mean"] for r in rows], s=60,
+                   color=color, label=label, zorder=3)
+    pts = sorted((r["config"]["max_lr"], r["mean"]) for r in sweep.summary
+                 if math.isfinite(r["mean"]))
+    ax.plot(*zip(*pts), color=MUTED, lw=1, zorder=2)
+    ax.scatter([sweep.best_config["max_lr"]], [sweep.best_loss], s=160, marker="*", color=GOLD,
+               zorder=4, label="best")
+    ax.set_xscale("log")
+    ax.set(xlabel="max_lr", ylabel=f"val loss after {sweep.best_budget} steps",
+           title="Stage 1: val loss vs learning rate")
+    ax.legend(frameon=False)
+    for i, row in enumerate(finalists):
+        bx.scatter([i] * len(row["losses"]), row["losses"], color=MUTED, zorder=3)
+        bx.errorbar([i], [row["mean"]], yerr=[row["std"]], fmt="o", color=NAVY, capsize=8,
+                    zorder=4)
+    bx.set_xticks(range(len(finalists)),
+                  [fmt_config(r["config"]).replace(", ", "\n") for r in finalists], fontsize=8)
+    bx.set(ylabel=f"val loss after {MAX_BUDGET} steps",
+           title=f"Stage 3: finalists over seeds {SEEDS} (mean ± std)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_halving(result, path):
+    fig, ax = plt.subplots(figsize=(9, 5), facecolor="#FAFAFA")
+    ax.set_facecolor(PANEL)
+    paths = {}
+    for rnd in result.rounds:
+        for row in rnd["ranked"]:
+            paths.setdefault(tuple(sorted(row["config"].items())), []).append(
+                (rnd["budget"], row["mean"]))
+    for pts in paths.values():
+        survived = len(pts) == len(result.rounds)
+        ax.plot(*zip(*pts), "o-", color=GOLD if survived else MUTED, lw=2.5 if survived else 1,
+                zorder=3 if survived else 2)
+    ax.set_xscale("log")
+    ax.set_xticks([r["budget"] for r in result.rounds], [str(r["budget"]) for r in result.rounds])
+    ax.set(xlabel="budget (optimizer steps)", ylabel="val loss",
+           title=f"Stage 2: successive halving, eta=3 ({len(result.rounds[0]['ranked'])} configs "
+                 "-> 1); grey lines stop where a config was eliminated")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main():
+    start = time.perf_counter()
+    torch.set_num_threads(1)
+    OUT.mkdir(parents=True, exist_ok=True)
+    train_fn = hparam.make_gpt_train_fn(TrainConfig(**TINY), out_root=OUT)
+    logs = {name: OUT / f"{name}.jsonl" for name in ("lr_sweep", "halving")}
+    for log in logs.values():  # a fresh search each run; the resume demo is below
+        log.unlink(missing_ok=True)
+
+    # 1. The classic grid, counted.
+    n_classic = hparam.grid_size(CLASSIC_GRID)
+    assert n_classic == len(hparam.grid(CLASSIC_GRID)) == 12_960
+
+    # 2. The staged search on the real tiny GPT.
+    sweep = stage_lr_sweep(train_fn, logs["lr_sweep"])
+    space, halving = stage_halving(train_fn, logs["halving"], sweep.best_config["max_lr"])
+    # Stage 3: the three best of the last-but-one round, at the full budget, over SEEDS. It shares
+    # the halving log, so the finalist's seed-0 run at MAX_BUDGET is reused, not retrained.
+    top = [row["config"] for row in halving.rounds[-2]["ranked"][:3]]
+    seeded = hparam.search(space, train_fn, configs=top, budget=MAX_BUDGET, seeds=SEEDS,
+                           log_path=logs["halving"], progress=False)
+    finalists = seeded.rounds[0]["ranked"]
+    full_runs = [t.wall_s for t in seeded.trials if t.budget == MAX_BUDGET]
+    per_run_s = statistics.median(full_runs)
+
+    # 3. Resume: the same halving search with its log trains nothing.
+    calls = []
+    again = hparam.search(space, lambda c, b: calls.append(c) or train_fn(c, b),
+                          strategy="halving", budget=MAX_BUDGET, eta=3, seeds=[0],
+                          log_path=logs["halving"], progress=False)
+    assert not calls and again.best_config == halving.best_config
+
+    grid_cost = len(hparam.grid(space)) * MAX_BUDGET
+    print("\nThe classic course grid")
+    print(f"  axes: {', '.join(f'{k}[{len(v)}]' for k, v in CLASSIC_GRID.items())}")
+    print(f"  runs: {n_classic:,}")
+    print(f"  measured per-run time (tiny GPT, {MAX_BUDGET} steps, median of {len(full_runs)}): "
+          f"{per_run_s:.2f} s")
+    print(f"  cost: {n_classic:,} x {per_run_s:.2f} s = {n_classic * per_run_s / 3600:.1f} h "
+          f"= {n_classic * per_run_s / 86400:.1f} days on this machine — a lower bound: the "
+          "course's runs train 5-25 epochs of a bigger model each")
+    print("\nStaged search on the tiny GPT (val loss, lower is better)")
+    print(f"  {'stage':<26}{'trained':>7}{'steps':>7}   best")
+    for name, res in (("1 lr sweep (coarse->fine)", sweep), ("2 halving eta=3", halving),
+                      (f"3 seeds {SEEDS}", seeded)):
+        print(f"  {name:<26}{res.n_trained:>7}{res.total_budget:>7}   {res.best_loss:.4f}  "
+              f"{fmt_config(res.best_config)}")
+    print(f"  halving spent {halving.total_budget} steps; the full {len(hparam.grid(space))}-config "
+          f"grid at {MAX_BUDGET} steps would spend {grid_cost}")
+    print(f"\nFinalists at {MAX_BUDGET} steps over seeds {SEEDS}")
+    for row in finalists:
+        losses = ", ".join(f"{x:.4f}" for x in row["losses"])
+        print(f"  {row['mean']:.4f} ± {row['std']:.4f}  [{losses}]  {fmt_config(row['config'])}")
+    gap = finalists[1]["mean"] - finalists[0]["mean"] if len(finalists) > 1 else float("nan")
+    spread = max(r["std"] for r in finalists)
+    print(f"  gap between the top two means: {gap:.4f}; largest seed std: {spread:.4f} -> "
+          f"{'the ranking is within noise: a waypoint' if gap < 2 * spread else 'a clear winner'}")
+    best_config = {**finalists[0]["config"]}
+    print(f"\nBest configuration (staged search): {fmt_config(best_config)}  "
+          f"val loss {finalists[0]['mean']:.4f} ± {finalists[0]['std']:.4f}")
+
+    plot_lr_and_seeds(sweep, finalists, OUT / "val_loss_vs_lr.png")
+    plot_halving(halving, OUT / "halving_rounds.png")
+    print(f"figures: {OUT / 'val_loss_vs_lr.png'}, {OUT / 'halving_rounds.png'}  "
+          f"({time.perf_counter() - start:.1f} s)")
+
+    # The lesson's claims, asserted.
+    assert halving.total_budget < grid_cost, "halving must spend less than the full grid"
+    assert finalists[0]["mean"] < math.log(256) - 0.5, "the best config must have learned something"
+    assert all(r["std"] > 0 for r in finalists), "different seeds must give different losses"
+
+
+if __name__ == "__main__":
+    main()

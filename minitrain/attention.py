@@ -1,0 +1,214 @@
+"""Attention from scratch: the textbook O(T^2)-memory version, and FlashAttention-2 in tiles.
+
+What: out = softmax(q k^T * scale + mask) v, with q (..., Tq, D), k (..., Tk, D), v (..., Tk, Dv)
+and scale = 1/sqrt(D) unless given. Both functions equal
+torch.nn.functional.scaled_dot_product_attention (SDPA), forward and backward.
+
+naive_attention materializes the (Tq, Tk) score matrix S and probability matrix P. Autograd
+stores P for backward: memory grows as T^2 (T=4096, 4 heads, fp32: 256 MiB per matrix).
+
+flash_attention never holds S or P whole. It walks over tiles of `block_size` queries x
+`block_size` keys and keeps, per query row, three running quantities (the "online softmax"):
+    m  = the largest score seen so far                      (running max)
+    l  = sum_j exp(s_j - m) over keys seen so far           (running sum)
+    acc = sum_j exp(s_j - m) v_j                            (un-normalized output)
+When a new tile raises the max from m to m', everything accumulated so far is rescaled by
+exp(m - m'), so no score is ever exponentiated twice. At the end out = acc / l, and
+    L = m + log(l) = log sum_j exp(s_j)                     (the log-sum-exp per row)
+is the only thing saved besides out. Backward recomputes each tile's probabilities exactly as
+P_ij = exp(s_ij - L_i) and uses D_i = sum_d dO_id O_id (= rowsum(dO * O)):
+    dV_j += P^T dO,   dP = dO V^T,   dS = P * (dP - D),   dQ += dS K * scale,   dK += dS^T Q * scale
+Memory: O(T * block) instead of O(T^2); compute: the same matmuls plus one recomputation of S.
+
+Causal masking is top-left aligned, as SDPA(is_causal=True): query i sees keys j <= i, also when
+Tq != Tk. Query tiles entirely above the diagonal skip those key tiles outright (about half the
+work). With top-left alignment no causal row is ever empty (key 0 is always visible); a row can
+only be fully masked by an attn_mask (naive) or by Tk == 0. SDPA returns zeros for such rows (and
+zero gradients), so both functions here do too.
+
+When it helps: long sequences, where T^2 memory dominates. On a GPU the real FlashAttention also
+wins time by keeping tiles in on-chip SRAM; in pure PyTorch on a CPU the Python tile loop makes it
+slower than SDPA's fused kernel - the lesson measures by how much.
+
+Common bugs: forgetting to rescale acc AND l by exp(m - m') when the max grows; exp(-inf - -inf) =
+nan for a row whose every score so far is masked (guard the max); bottom-right instead of top-left
+causal alignment when Tq != Tk; saving P "just for backward", which brings back the T^2 memory.
+"""
+import math
+
+import torch
+
+REDUCED_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _default_scale(q, scale):
+    if scale is None:
+        return 1.0 / math.sqrt(q.size(-1))
+    return float(scale)
+
+
+def _check_qkv(q, k, v):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() < 2:
+            raise ValueError(f"{name} must be a tensor of shape (..., T, D), got {type(t).__name__}")
+    if q.size(-1) != k.size(-1):
+        raise ValueError(f"q and k must share the last dim D: q {q.size(-1)} vs k {k.size(-1)}")
+    if k.size(-2) != v.size(-2):
+        raise ValueError(f"k and v must have the same length Tk: {k.size(-2)} vs {v.size(-2)}")
+
+
+def causal_mask(Tq, Tk, device=None):
+    """(Tq, Tk) bool, True = may attend: key j visible to query i iff j <= i (top-left aligned)."""
+    return torch.ones(Tq, Tk, dtype=torch.bool, device=device).tril()
+
+
+def naive_attention(q, k, v, *, causal=False, attn_mask=None, scale=None):
+    """softmax(q k^T * scale + mask) v, materializing the (..., Tq, Tk) matrices.
+
+    attn_mask: bool (True = attend) or additive float, broadcastable to (..., Tq, Tk); may be
+    combined with causal. Rows with no visible key give zeros, as SDPA does.
+    """
+    _check_qkv(q, k, v)
+    scale = _default_scale(q, scale)
+    Tq, Tk = q.size(-2), k.size(-2)
+    scores = (q @ k.transpose(-2, -1)) * scale  # (..., Tq, Tk)  <- the O(T^2) matrix
+    if causal:
+        scores = scores.masked_fill(~causal_mask(Tq, Tk, q.device), float("-inf"))
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask.to(scores.dtype)
+    # Softmax written out so a fully masked row gives 0 instead of 0/0 = nan (forward and grad).
+    if Tk == 0:  # no keys at all: every row is empty, the output is zeros
+        return scores.sum(dim=-1, keepdim=True) * v.sum(dim=-2, keepdim=True)  # (..., Tq, Dv) zeros
+    row_max = scores.amax(dim=-1, keepdim=True).detach()  # (..., Tq, 1); a constant shift
+    row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
+    weights = torch.exp(scores - row_max)  # (..., Tq, Tk)
+    row_sum = weights.sum(dim=-1, keepdim=True)  # (..., Tq, 1)
+    probs = weights / torch.where(row_sum == 0, torch.ones_like(row_sum), row_sum)
+    return probs @ v  # (..., Tq, Dv)
+
+
+def _tile_scores(q_tile, k_tile, scale, causal, q_start, k_start):
+    """Scores of one tile, (N, bq, bk); causal entries j > i set to -inf when the tile crosses it."""
+    s = (q_tile @ k_tile.transpose(-2, -1)) * scale  # (N, bq, bk)
+    bq, bk = q_tile.size(-2), k_tile.size(-2)
+    if causal and k_start + bk - 1 > q_start:  # some key in this tile lies right of the diagonal
+        rows = torch.arange(q_start, q_start + bq, device=s.device)[:, None]  # (bq, 1)
+        cols = torch.arange(k_start, k_start + bk, device=s.device)[None, :]  # (1, bk)
+        s = s.masked_fill(cols > rows, float("-inf"))
+    return s
+
+
+def _flash_forward(q, k, v, causal, scale, block_size, trace=None):
+    """q (N, Tq, D), k (N, Tk, D), v (N, Tk, Dv) -> out (N, Tq, Dv), lse (N, Tq)."""
+    N, Tq, _ = q.shape
+    Tk, Dv = k.size(1), v.size(2)
+    out = q.new_empty(N, Tq, Dv)
+    lse = q.new_empty(N, Tq)
+    for q_start in range(0, Tq, block_size):
+        q_end = min(q_start + block_size, Tq)
+        q_tile = q[:, q_start:q_end]  # (N, bq, D)
+        m = q.new_full((N, q_end - q_start), float("-inf"))  # running max      (N, bq)
+        l = q.new_zeros(N, q_end - q_start)  # running sum of exp(s - m)         (N, bq)
+        acc = q.new_zeros(N, q_end - q_start, Dv)  # running sum of exp(s - m) v (N, bq, Dv)
+        # Causal: key tiles that start after this tile's last query are all masked -> skipped.
+        k_stop = min(Tk, q_end) if causal else Tk
+        for k_start in range(0, k_stop, block_size):
+            k_end = min(k_start + block_size, Tk)
+            s = _tile_scores(q_tile, k[:, k_start:k_end], scale, causal, q_start, k_start)
+            m_new = torch.maximum(m, s.amax(dim=-1))  # (N, bq)
+            m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)  # no -inf - -inf
+            p = torch.exp(s - m_safe[..., None])  # (N, bq, bk)
+            rescale = torch.exp(m - m_safe)  # (N, bq): shrinks what was summed under the old max
+            l = rescale * l + p.sum(dim=-1)
+            acc = rescale[..., None] * acc + p @ v[:, k_start:k_end]  # (N, bq, Dv)
+            m = m_new
+            if trace is not None:
+                trace(q_start, q_end, k_start, k_end, m.clone(), l.clone())
+        l_safe = torch.where(l == 0, torch.ones_like(l), l)  # fully masked row -> output 0
+        out[:, q_start:q_end] = acc / l_safe[..., None]
+        lse[:, q_start:q_end] = torch.where(l == 0, torch.full_like(m, float("-inf")), m + torch.log(l_safe))
+    return out, lse
+
+
+def _flash_backward(q, k, v, out, lse, d_out, causal, scale, block_size):
+    """FlashAttention-2 backward: outer loop over key tiles, inner over query tiles."""
+    N, Tq, _ = q.shape
+    Tk = k.size(1)
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    delta = (d_out * out).sum(dim=-1)  # D_i = rowsum(dO * O), (N, Tq)
+    lse_safe = torch.where(torch.isinf(lse), torch.full_like(lse, float("inf")), lse)  # P = 0 there
+    for k_start in range(0, Tk, block_size):
+        k_end = min(k_start + block_size, Tk)
+        k_tile, v_tile = k[:, k_start:k_end], v[:, k_start:k_end]  # (N, bk, D), (N, bk, Dv)
+        dk_tile, dv_tile = torch.zeros_like(k_tile), torch.zeros_like(v_tile)
+        # Causal: query tiles whose last row is above this key tile's first column are skipped.
+        q_first = (k_start // block_size) * block_size if causal else 0
+        for q_start in range(q_first, Tq, block_size):
+            q_end = min(q_start + block_size, Tq)
+            q_tile, do_tile = q[:, q_start:q_end], d_out[:, q_start:q_end]  # (N, bq, D|Dv)
+            s = _tile_scores(q_tile, k_tile, scale, causal, q_start, k_start)  # (N, bq, bk)
+            p = torch.exp(s - lse_safe[:, q_start:q_end, None])  # recomputed probabilities
+            dv_tile += p.transpose(-2, -1) @ do_tile  # (N, bk, Dv)
+            dp = do_tile @ v_tile.transpose(-2, -1)  # (N, bq, bk)
+            ds = p * (dp - delta[:, q_start:q_end, None])  # softmax backward, (N, bq, bk)
+            dq[:, q_start:q_end] += (ds @ k_tile) * scale
+            dk_tile += (ds.transpose(-2, -1) @ q_tile) * scale
+        dk[:, k_start:k_end] = dk_tile
+        dv[:, k_start:k_end] = dv_tile
+    return dq, dk, dv
+
+
+class FlashAttentionFunction(torch.autograd.Function):
+    """Saves only q, k, v (the inputs), out and the log-sum-exp: no (Tq, Tk) tensor is kept."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale, block_size):  # q (N, Tq, D) k (N, Tk, D) v (N, Tk, Dv)
+        out, lse = _flash_forward(q, k, v, causal, scale, block_size)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.causal, ctx.scale, ctx.block_size = causal, scale, block_size
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _flash_backward(
+            q, k, v, out, lse, d_out.contiguous(), ctx.causal, ctx.scale, ctx.block_size
+        )
+        return dq, dk, dv, None, None, None
+
+
+def flash_attention(q, k, v, *, causal=False, scale=None, block_size=64):
+    """Tiled attention with online softmax (FlashAttention-2), forward and backward from scratch.
+
+    Leading dims of q, k, v broadcast against each other. float16/bfloat16 inputs are computed in
+    float32 (as the real kernel accumulates in fp32) and returned in the input dtype.
+    """
+    _check_qkv(q, k, v)
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    scale = _default_scale(q, scale)
+    batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    Tq, Tk, D, Dv = q.size(-2), k.size(-2), q.size(-1), v.size(-1)
+    in_dtype = q.dtype
+    work = torch.float32 if in_dtype in REDUCED_PRECISION else in_dtype
+    N = math.prod(batch)  # all leading dims (batch, heads, ...) flattened into one
+    q3 = q.expand(*batch, Tq, D).reshape(N, Tq, D).to(work)  # (N, Tq, D)
+    k3 = k.expand(*batch, Tk, D).reshape(N, Tk, D).to(work)  # (N, Tk, D)
+    v3 = v.expand(*batch, Tk, Dv).reshape(N, Tk, Dv).to(work)  # (N, Tk, Dv)
+    out = FlashAttentionFunction.apply(q3, k3, v3, bool(causal), scale, block_size)
+    return out.reshape(*batch, Tq, Dv).to(in_dtype)
+
+
+def flash_attention_traced(q, k, v, trace, *, causal=False, scale=None, block_size=64):
+    """Forward only, calling trace(q_start, q_end, k_start, k_end, running_max, running_sum)
+    after every tile: the hook the flash_tiling animation uses to show real running values."""
+    _check_qkv(q, k, v)
+    scale = _default_scale(q, scale)
+    N = math.prod(q.shape[:-2])
+    q3, k3, v3 = (t.reshape(N, t.size(-2), t.size(-1)) for t in (q, k, v))
+    with torch.no_grad():
+        out, _ = _flash_forward(q3, k3, v3, bool(causal), scale, block_size, trace=trace)
+    return out.reshape(*q.shape[:-1], v.size(-1))
