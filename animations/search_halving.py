@@ -7,8 +7,11 @@ reuses it and trains nothing). Left: one bar per configuration, its val loss at 
 round's budget; eliminated bars fade. Right: optimizer steps spent so far by halving against the
 full grid trained at the final budget.
 
-Default: 9 learning rates, eta=3, budgets 10 -> 30 -> 90 steps. --quick: 4 learning rates on a
-much smaller GPT, eta=2, budgets 1 -> 2 -> 4 steps (a real search, just a tiny one).
+Default: 9 learning rates of the tiny GPT trained by `minitrain.train` (AdamW), eta=3, budgets
+10 -> 30 -> 90 steps. --quick (the test suite's run, < 10 s): a real but tiny search — 4 learning
+rates of a 1-layer, 16-wide GPT trained by plain SGD written out (p -= lr * grad, which skips
+torch.optim's one-off import of torch._dynamo, seconds on a loaded machine), eta=2, budgets
+1 -> 2 -> 4 steps.
 """
 import json
 import pathlib
@@ -18,21 +21,49 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import deck  # noqa: E402
 
 from minitrain import hparam  # noqa: E402
-from minitrain.train import TrainConfig  # noqa: E402
 
 FULL = dict(lrs=[1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2], eta=3, budget=90,
             model=dict(n_layer=2, n_head=2, n_embd=32, seq_len=32, batch_size=8, eval_iters=8,
                        warmup_steps=5, min_lr=1e-5, corpus_bytes=200_000))
-QUICK = dict(lrs=[1e-4, 1e-3, 1e-2, 1e-1], eta=2, budget=4,
-             model=dict(n_layer=1, n_head=1, n_embd=16, seq_len=16, batch_size=4, eval_iters=2,
-                        warmup_steps=0, min_lr=1e-5, corpus_bytes=20_000))
+QUICK = dict(lrs=[0.01, 0.03, 0.1, 0.3], eta=2, budget=4, model=None)
 GROW_FRAMES, CUT_FRAMES, HOLD_FRAMES = 14, 10, 12  # per round (default mode)
+
+
+def make_sgd_train_fn(cache_dir):
+    """--quick's train_fn: a 1-layer GPT, `budget` plain-SGD steps, val loss on fixed batches."""
+    import numpy as np
+    import torch
+
+    from minitrain.data import corpus_tokens, get_batch, split_tokens
+    from minitrain.model import GPT, GPTConfig
+
+    train_tokens, val_tokens = split_tokens(corpus_tokens(cache_dir, max_bytes=20_000))
+
+    def train_fn(config, budget):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=16, block_size=16))
+        rng = np.random.default_rng(0)
+        for _ in range(budget):
+            _, loss = model(*get_batch(train_tokens, 4, 16, rng=rng))
+            model.zero_grad()
+            loss.backward()
+            with torch.no_grad():
+                for p in model.parameters():
+                    p -= config["max_lr"] * p.grad  # SGD, written out
+        with torch.no_grad():
+            return model(*get_batch(val_tokens, 8, 16, rng=np.random.default_rng(1)))[1].item()
+
+    return train_fn
 
 
 def run_search(params, log_path):
     """The real search; returns its rounds rebuilt from the log file."""
-    train_fn = hparam.make_gpt_train_fn(TrainConfig(**params["model"]),
-                                        out_root=log_path.parent)
+    if params["model"] is None:
+        train_fn = make_sgd_train_fn(log_path.parent / "cache")
+    else:
+        from minitrain.train import TrainConfig
+        train_fn = hparam.make_gpt_train_fn(TrainConfig(**params["model"]),
+                                            out_root=log_path.parent)
     hparam.search({"max_lr": params["lrs"]}, train_fn, strategy="halving", eta=params["eta"],
                   budget=params["budget"], log_path=log_path, progress=False)
     rounds = {}
@@ -45,6 +76,8 @@ def run_search(params, log_path):
 
 def main():
     args = deck.parse_args(__doc__)
+    import torch
+    torch.set_num_threads(1)  # tiny matmuls: extra threads only spin on a shared machine
     params = QUICK if args.quick else FULL
     out = deck.output_path(args, "search_halving")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -60,7 +93,11 @@ def main():
     for rnd in rounds:
         spent.append((spent[-1] if spent else 0) + rnd["budget"] * len(rnd["loss"]))
     finite = [v for rnd in rounds for v in rnd["loss"].values() if v != float("inf")]
-    top = max(finite) * 1.08
+    span = max(finite) - min(finite) or 1.0
+    floor, top = min(finite) - 0.4 * span, max(finite) + 0.12 * span  # zoom on the differences
+    last_seen = []  # per round: {lr: loss in the last round that lr took part in, up to here}
+    for rnd in rounds:
+        last_seen.append({**(last_seen[-1] if last_seen else {}), **rnd["loss"]})
 
     fig, (ax, bx) = deck.figure(1, 2, title="Successive halving: train many briefly, keep the best",
                                 wisdom="Spend the budget on the configurations that earn it.",
@@ -68,14 +105,14 @@ def main():
     deck.style_axes(ax, "val loss per learning rate (lower is better)")
     deck.style_axes(bx, "optimizer steps spent")
     xs = range(len(lrs))
-    bars = ax.bar(xs, [0] * len(lrs), color=deck.NAVY, width=0.7)
+    bars = ax.bar(xs, [0] * len(lrs), bottom=floor, color=deck.NAVY, width=0.7)
     ax.set_xticks(list(xs), [f"{lr:.0e}" for lr in lrs], fontsize=12)
     ax.set_xlabel("max_lr", fontsize=14)
-    ax.set_ylim(0, top)
-    labels = [ax.text(i, 0, "", ha="center", va="bottom", color=deck.TEXT, fontsize=11)
+    ax.set_ylim(floor, top)
+    labels = [ax.text(i, floor, "", ha="center", va="bottom", color=deck.TEXT, fontsize=11)
               for i in xs]
-    status = ax.text(0.02, 0.97, "", transform=ax.transAxes, va="top", color=deck.NAVY,
-                     fontsize=16, fontweight="bold")
+    fig.subplots_adjust(top=0.80, bottom=0.12)
+    status = fig.text(0.03, 0.90, "", va="top", color=deck.NAVY, fontsize=16, fontweight="bold")
     spent_bar = bx.bar([0], [0], color=deck.GOLD, width=0.6)[0]
     bx.bar([1], [grid_steps], color=deck.MUTED, width=0.6)
     bx.set_xticks([0, 1], ["halving", f"grid @ {params['budget']}"], fontsize=12)
@@ -83,13 +120,14 @@ def main():
     spent_text = bx.text(0, 0, "", ha="center", va="bottom", color=deck.TEXT, fontsize=13)
     bx.text(1, grid_steps, f"{grid_steps}", ha="center", va="bottom", color=deck.TEXT, fontsize=13)
 
-    grow, cut, hold = (1, 1, 1) if args.quick else (GROW_FRAMES, CUT_FRAMES, HOLD_FRAMES)
     frames = []  # (round, phase, t in [0, 1])
-    for r in range(len(rounds)):
-        frames += [(r, "grow", (k + 1) / grow) for k in range(grow)]
+    if args.quick:  # one frame per round: the bars after elimination; then the winner
+        frames = [(r, "cut", 1.0) for r in range(len(rounds) - 1)] + [(len(rounds) - 1, "hold", 1.0)]
+    for r in range(0 if args.quick else len(rounds)):
+        frames += [(r, "grow", (k + 1) / GROW_FRAMES) for k in range(GROW_FRAMES)]
         if r + 1 < len(rounds):
-            frames += [(r, "cut", (k + 1) / cut) for k in range(cut)]
-    frames += [(len(rounds) - 1, "hold", 1.0)] * hold
+            frames += [(r, "cut", (k + 1) / CUT_FRAMES) for k in range(CUT_FRAMES)]
+    frames += [(len(rounds) - 1, "hold", 1.0)] * (0 if args.quick else HOLD_FRAMES)
 
     def update(frame):
         r, phase, t = frames[frame]
@@ -100,18 +138,20 @@ def main():
             bar, label = bars[i], labels[i]
             if lr in rnd["loss"]:
                 loss = min(rnd["loss"][lr], top)
-                start = min(prev.get(lr, 0.0), top)
-                height = start + (loss - start) * t if phase == "grow" else loss
+                start = min(prev.get(lr, floor), top)
+                level = start + (loss - start) * t if phase == "grow" else loss
                 eliminated = phase in ("cut", "hold") and lr not in survivors
-                bar.set_height(height)
-                bar.set_color(deck.RED if eliminated else deck.GOLD if phase == "hold" else deck.NAVY)
-                bar.set_alpha(1 - 0.75 * t if eliminated else 1.0)
-                label.set_text(f"{rnd['loss'][lr]:.3f}" if phase != "grow" or t == 1 else "")
-                label.set_y(height)
-            elif bar.get_alpha() is None or bar.get_alpha() > 0.25:
-                bar.set_color(deck.MUTED)
-                bar.set_alpha(0.25)
-                label.set_text("")
+                color, alpha = (deck.RED, 1 - 0.6 * t) if eliminated else (
+                    deck.GOLD if phase == "hold" else deck.NAVY, 1.0)
+                text = f"{rnd['loss'][lr]:.3f}" if phase != "grow" or t == 1 else ""
+            else:  # out of the race: a faint bar at its last loss
+                level = min(last_seen[r].get(lr, floor), top) if r else floor
+                color, alpha, text = deck.MUTED, 0.35, ""
+            bar.set_height(level - floor)
+            bar.set_color(color)
+            bar.set_alpha(alpha)
+            label.set_text(text)
+            label.set_y(level)
         status.set_text(f"round {r + 1}/{len(rounds)}: {len(rnd['loss'])} configs x "
                         f"{rnd['budget']} steps" + (" — eliminate the worst" if phase == "cut" else "")
                         + (" — winner" if phase == "hold" else ""))

@@ -13,18 +13,24 @@ Prerequisites: softmax, matrix multiplication, what autograd saves for backward.
 
 What it does:
 1. asserts that naive, flash and SDPA give the same output and gradients (float64);
-2. for T = 512, 1024, 2048 (B=1, H=4, D=64, causal, float32) runs each method in a FRESH
-   subprocess and measures forward+backward time (median of 3, after the first call) and the
+2. for T = 256, 512, 1024 (B=1, H=4, D=64, causal, float32) runs each method in its own FRESH
+   subprocess (sizes in increasing order) and measures forward+backward time (median of 3, after the first call) and the
    peak extra resident memory: on Linux /proc/self/clear_refs resets the high-water mark, then
-   VmHWM - VmRSS(before) is what the first forward+backward added (elsewhere: ru_maxrss delta).
-   A fresh process per cell, because memory an earlier cell freed stays mapped and hides growth;
+   VmHWM - VmRSS(before) is what the first full-size forward+backward added (after a tiny
+   warm-up call that pays one-off initialization; elsewhere: ru_maxrss delta). Memory a method
+   freed stays mapped and would hide growth, so each method gets its own process, sizes run
+   smallest first and glibc's malloc_trim(0) returns freed pages to the OS before each size
+   (benchmarks/bench_attention.py goes further: one fresh process per cell);
 3. prints a table, saves outputs/lesson08/attention.png, and asserts its claims: naive's
    memory grows ~T^2 (doubling T multiplies it by > 3), flash's stays a small fraction of naive's.
 
 Timings are from a shared 2-core CPU with one torch thread per cell: read ratios, not absolutes.
-Pure-PyTorch flash is SLOWER than naive here (Python loop over tiles, no on-chip SRAM); the win
-that remains on a CPU is memory.
+Pure-PyTorch flash stays well behind SDPA's fused kernel (a Python loop over tiles, no on-chip
+SRAM to win time from); against naive it is about even at small T and pulls ahead as the (T, T)
+matrices stop fitting in cache. The win that is large and certain on a CPU is memory.
 """
+import ctypes
+import ctypes.util
 import json
 import os
 import pathlib
@@ -34,20 +40,19 @@ import subprocess
 import sys
 import time
 
-import matplotlib
+import torch
+import torch.nn.functional as F
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from minitrain.attention import flash_attention, naive_attention  # noqa: E402
+from minitrain.attention import flash_attention, naive_attention
 
 OUT_DIR = pathlib.Path("outputs/lesson08")
-SEQ_LENS = (512, 1024, 2048)
+SEQ_LENS = (256, 512, 1024)
 BATCH, HEADS, HEAD_DIM = 1, 4, 64
 METHODS = ("naive", "flash", "sdpa")
 TIMED_REPEATS = 3
+# A fixed glibc mmap threshold: every block >= 64 KiB is its own mapping, returned to the OS the
+# moment it is freed, so a later, larger cell cannot reuse pages an earlier cell left resident.
+MALLOC_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
 def attention_fn(method):
@@ -81,13 +86,26 @@ def measure_peak_extra_bytes(step):
         return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * unit, "ru_maxrss delta"
 
 
+def return_freed_memory_to_os():
+    """glibc keeps freed heap pages mapped; malloc_trim(0) hands them back, so the next cell's
+    allocations must fault in fresh pages and show up in the peak (no-op off glibc)."""
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):
+        pass
+
+
 def run_cell(method, T):
-    """Inside a fresh process: peak extra memory of the first fwd+bwd, then median time."""
-    torch.set_num_threads(1)
+    """Peak extra memory of the first full-size fwd+bwd, then the median time of the next ones."""
+    return_freed_memory_to_os()
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(BATCH, HEADS, T, HEAD_DIM, generator=gen).requires_grad_() for _ in range(3))
     grad_out = torch.randn(BATCH, HEADS, T, HEAD_DIM, generator=gen)
     fn = attention_fn(method)
+    # Warm up on a tiny problem: one-off costs (lazy kernel init, library pages) are not the
+    # method's memory; a tiny T leaves no large freed block behind to hide the real peak.
+    tiny = [t[..., :16, :].detach().requires_grad_() for t in (q, k, v)]
+    fn(*tiny).backward(grad_out[..., :16, :])
 
     def step():
         fn(q, k, v).backward(grad_out)
@@ -99,7 +117,7 @@ def run_cell(method, T):
         step()
         times.append(time.perf_counter() - t0)
     print(json.dumps({"method": method, "T": T, "peak_bytes": peak, "how": how,
-                      "median_s": statistics.median(times)}))
+                      "median_s": statistics.median(times)}), flush=True)
 
 
 def check_equal():
@@ -118,18 +136,25 @@ def check_equal():
 
 
 def main():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     check_equal()
     rows = {}
-    for T in SEQ_LENS:
-        for method in METHODS:
-            proc = subprocess.run([sys.executable, __file__, "--cell", method, str(T)],
-                                  capture_output=True, text=True, timeout=120)
-            if proc.returncode != 0:
-                raise RuntimeError(f"cell {method} T={T} failed:\n{proc.stderr[-2000:]}")
-            rows[(method, T)] = json.loads(proc.stdout.strip().splitlines()[-1])
+    for method in METHODS:
+        seq_lens = ",".join(str(T) for T in SEQ_LENS)
+        proc = subprocess.run([sys.executable, __file__, "--cells", method, seq_lens],
+                              capture_output=True, text=True, timeout=150, env=MALLOC_ENV)
+        if proc.returncode != 0:
+            raise RuntimeError(f"cells of {method} failed:\n{proc.stderr[-2000:]}")
+        for line in proc.stdout.strip().splitlines():
+            r = json.loads(line)
+            rows[(method, r["T"])] = r
     how = rows[("naive", SEQ_LENS[0])]["how"]
     print(f"\nB={BATCH} H={HEADS} D={HEAD_DIM} causal float32, forward+backward, 1 thread, "
-          f"fresh process per cell, peak = {how}")
+          f"one fresh process per method, peak = {how}")
     print(f"{'T':>5} | {'method':6} | {'time ms':>8} | {'peak extra MiB':>14} | {'one TxT matrix MiB':>18}")
     for T in SEQ_LENS:
         matrix_mib = BATCH * HEADS * T * T * 4 / 2**20
@@ -172,7 +197,9 @@ def main():
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "--cell":
-        run_cell(sys.argv[2], int(sys.argv[3]))
+    if len(sys.argv) == 4 and sys.argv[1] == "--cells":
+        torch.set_num_threads(1)
+        for T in sys.argv[3].split(","):  # increasing T: each cell needs more than any before
+            run_cell(sys.argv[2], int(T))
     else:
         main()

@@ -58,7 +58,7 @@ def fmt_config(config):
 
 def stage_lr_sweep(train_fn, log):
     """Stage 1: max_lr alone, coarse decades then log-spaced points around the best."""
-    space = {"max_lr": [1e-4, 1e-3, 1e-2, 1e-1]}
+    space = {"max_lr": [1e-4, 1e-3, 1e-2, 1e-1, 1.0]}
     return hparam.search(space, train_fn, strategy="coarse_to_fine", budget=MAX_BUDGET // 3,
                          fine_points=1, log_path=log, progress=False)
 
@@ -139,9 +139,9 @@ def main():
     # 2. The staged search on the real tiny GPT.
     sweep = stage_lr_sweep(train_fn, logs["lr_sweep"])
     space, halving = stage_halving(train_fn, logs["halving"], sweep.best_config["max_lr"])
-    # Stage 3: the three best of the last-but-one round, at the full budget, over SEEDS. It shares
+    # Stage 3: the two best of the last-but-one round, at the full budget, over SEEDS. It shares
     # the halving log, so the finalist's seed-0 run at MAX_BUDGET is reused, not retrained.
-    top = [row["config"] for row in halving.rounds[-2]["ranked"][:3]]
+    top = [row["config"] for row in halving.rounds[-2]["ranked"][:2]]
     seeded = hparam.search(space, train_fn, configs=top, budget=MAX_BUDGET, seeds=SEEDS,
                            log_path=logs["halving"], progress=False)
     finalists = seeded.rounds[0]["ranked"]
@@ -165,11 +165,13 @@ def main():
           f"= {n_classic * per_run_s / 86400:.1f} days on this machine — a lower bound: the "
           "course's runs train 5-25 epochs of a bigger model each")
     print("\nStaged search on the tiny GPT (val loss, lower is better)")
-    print(f"  {'stage':<26}{'trained':>7}{'steps':>7}   best")
+    print(f"  {'stage':<26}{'runs':>5}{'steps':>7}{'@steps':>7}  {'best loss':<10}best config")
     for name, res in (("1 lr sweep (coarse->fine)", sweep), ("2 halving eta=3", halving),
-                      (f"3 seeds {SEEDS}", seeded)):
-        print(f"  {name:<26}{res.n_trained:>7}{res.total_budget:>7}   {res.best_loss:.4f}  "
-              f"{fmt_config(res.best_config)}")
+                      (f"3 seeds {SEEDS} (mean)", seeded)):
+        print(f"  {name:<26}{len(res.trials):>5}{res.total_budget:>7}{res.best_budget:>7}  "
+              f"{res.best_loss:<10.4f}{fmt_config(res.best_config)}")
+    print(f"  (runs and steps count every trial used; {seeded.n_from_log} stage-3 run came from "
+          "the halving log instead of being retrained)")
     print(f"  halving spent {halving.total_budget} steps; the full {len(hparam.grid(space))}-config "
           f"grid at {MAX_BUDGET} steps would spend {grid_cost}")
     print(f"\nFinalists at {MAX_BUDGET} steps over seeds {SEEDS}")
@@ -180,6 +182,10 @@ def main():
     spread = max(r["std"] for r in finalists)
     print(f"  gap between the top two means: {gap:.4f}; largest seed std: {spread:.4f} -> "
           f"{'the ranking is within noise: a waypoint' if gap < 2 * spread else 'a clear winner'}")
+    same = halving.best_config == finalists[0]["config"]
+    print(f"  single-seed winner (halving, seed 0): {fmt_config(halving.best_config)}\n"
+          f"  winner on the mean of {len(SEEDS)} seeds:   {fmt_config(finalists[0]['config'])}"
+          f"  -> {'the same' if same else 'a different config'}")
     best_config = {**finalists[0]["config"]}
     print(f"\nBest configuration (staged search): {fmt_config(best_config)}  "
           f"val loss {finalists[0]['mean']:.4f} ± {finalists[0]['std']:.4f}")

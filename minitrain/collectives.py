@@ -61,7 +61,13 @@ def _exchange(send_buf, recv_buf, right, left, group):
         w.wait()
 
 
-def _reduce_scatter_chunks(chunks, group):
+def _record(trace, phase, step, send_idx, recv_idx, chunks):
+    if trace is not None:  # for the animation: what every chunk holds after this step
+        trace.append({"phase": phase, "step": step, "send": send_idx, "recv": recv_idx,
+                      "chunks": [c.clone() for c in chunks]})
+
+
+def _reduce_scatter_chunks(chunks, group, trace=None):
     """In place on `chunks` (views of one flat buffer): afterwards chunks[rank] holds the sum."""
     rank, world, right, left = _ring(group)
     for step in range(world - 1):
@@ -70,15 +76,17 @@ def _reduce_scatter_chunks(chunks, group):
         incoming = torch.empty_like(chunks[recv_idx])
         _exchange(chunks[send_idx], incoming, right, left, group)
         chunks[recv_idx].add_(incoming)  # after the last step recv_idx == rank: complete
+        _record(trace, "reduce-scatter", step, send_idx, recv_idx, chunks)
 
 
-def _all_gather_chunks(chunks, group):
+def _all_gather_chunks(chunks, group, trace=None):
     """In place on `chunks`: chunks[rank] is complete; afterwards every chunk is."""
     rank, world, right, left = _ring(group)
     for step in range(world - 1):
         send_idx = (rank - step) % world  # start with my own chunk, then forward what arrived
         recv_idx = (rank - step - 1) % world
         _exchange(chunks[send_idx], chunks[recv_idx], right, left, group)
+        _record(trace, "all-gather", step, send_idx, recv_idx, chunks)
 
 
 def _check_pair(output, input, world, name):
@@ -87,8 +95,11 @@ def _check_pair(output, input, world, name):
                          "allocate output with input's dtype")
 
 
-def ring_all_reduce(tensor, group=None):
-    """In-place sum of `tensor` over all ranks of `group` (reduce-scatter + all-gather ring)."""
+def ring_all_reduce(tensor, group=None, *, trace=None):
+    """In-place sum of `tensor` over all ranks of `group` (reduce-scatter + all-gather ring).
+
+    `trace`: an optional list; every ring step appends a dict (phase, step, send, recv, chunks)
+    with copies of this rank's chunks after the step (the animation draws these)."""
     if not isinstance(tensor, torch.Tensor):
         raise ValueError(f"tensor must be a torch.Tensor, got {type(tensor).__name__}")
     world = dist.get_world_size(group)
@@ -96,8 +107,9 @@ def ring_all_reduce(tensor, group=None):
         return
     flat = tensor.reshape(-1) if tensor.is_contiguous() else tensor.contiguous().view(-1)  # (n,)
     chunks = list(torch.split(flat, chunk_sizes(flat.numel(), world)))  # N views of flat
-    _reduce_scatter_chunks(chunks, group)
-    _all_gather_chunks(chunks, group)
+    _record(trace, "start", -1, None, None, chunks)
+    _reduce_scatter_chunks(chunks, group, trace)
+    _all_gather_chunks(chunks, group, trace)
     if not tensor.is_contiguous():
         tensor.copy_(flat.view(tensor.shape))  # non-contiguous input: write the result back
 

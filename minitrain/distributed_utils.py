@@ -1,7 +1,7 @@
 """Launch a function on N CPU processes that form one torch.distributed group (gloo).
 
 What: `launch(fn, world_size, *args, timeout_s=60)` starts `world_size` processes, joins them into
-one gloo process group, calls `fn(rank, world_size, *args)` in each, and returns the list of the
+one gloo process group, calls `fn(rank, world_size, *args, **kwargs)` in each, and returns the list of the
 ranks' return values (index = rank). Tests, lessons and benchmarks all use it, so none of them
 copies the set-up code.
 
@@ -49,7 +49,7 @@ def _to_bytes(obj):
     return buf.getvalue()
 
 
-def _worker(rank, world_size, port, timeout_s, fn, args, results, threads):
+def _worker(rank, world_size, port, timeout_s, fn, args, kwargs, results, threads):
     try:
         torch.set_num_threads(threads)
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
@@ -57,7 +57,7 @@ def _worker(rank, world_size, port, timeout_s, fn, args, results, threads):
         dist.init_process_group("gloo", rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=timeout_s))
         try:
-            out = fn(rank, world_size, *args)
+            out = fn(rank, world_size, *args, **kwargs)
             results.put((rank, "ok", _to_bytes(out)))
         finally:
             dist.destroy_process_group()
@@ -65,8 +65,8 @@ def _worker(rank, world_size, port, timeout_s, fn, args, results, threads):
         results.put((rank, "error", traceback.format_exc()))
 
 
-def launch(fn, world_size, *args, timeout_s=60.0, start_method=None, threads=1):
-    """Run `fn(rank, world_size, *args)` on `world_size` gloo ranks; return [result_rank0, ...].
+def launch(fn, world_size, *args, timeout_s=60.0, start_method=None, threads=1, **kwargs):
+    """Run `fn(rank, world_size, *args, **kwargs)` on `world_size` gloo ranks; return [result_rank0, ...].
 
     Raises RuntimeError with the failing rank's traceback, or TimeoutError after `timeout_s`.
     """
@@ -76,11 +76,15 @@ def launch(fn, world_size, *args, timeout_s=60.0, start_method=None, threads=1):
         raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
     if start_method is None:
         start_method = "fork" if sys.platform.startswith("linux") else "spawn"
+    if start_method == "fork":
+        # torch.optim.Optimizer and torch's DDP import torch._dynamo on first use (5-15 s on a
+        # busy 2-core machine). Imported once here, every forked rank inherits it for free.
+        import torch._dynamo  # noqa: F401
     ctx = mp.get_context(start_method)
     results = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_worker, daemon=True,
-                         args=(r, world_size, port, timeout_s, fn, args, results, threads))
+                         args=(r, world_size, port, timeout_s, fn, args, kwargs, results, threads))
              for r in range(world_size)]
     for p in procs:
         p.start()

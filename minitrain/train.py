@@ -133,6 +133,16 @@ def build_model(cfg, device="cpu"):
     return GPT(gpt_cfg).to(device)
 
 
+def load_model(checkpoint_path, device="cpu"):
+    """The GPT saved in a trainer checkpoint (its TrainConfig rebuilds the architecture)."""
+    state = ckpt.load_checkpoint(checkpoint_path, map_location=device)
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in state["config"].items() if k in fields})
+    model = build_model(cfg, device)
+    model.load_state_dict(state["model"])
+    return model.eval()
+
+
 def param_groups(model, weight_decay):
     """AdamW groups: decay for tensors with >= 2 dims, none for biases and norm gains."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -181,18 +191,28 @@ def lm_loss(output, y):
 
 
 @torch.no_grad()
-def evaluate(model, data, cfg, device="cpu"):
-    """Mean loss over cfg.eval_iters batches of `data`; always the same batches for one seed."""
+def evaluate(model, data, cfg, device="cpu", *, rank=0, world=1):
+    """Mean loss over cfg.eval_iters batches of `data`; always the same batches for one seed.
+
+    With several ranks each evaluates its slice of the global batch and the mean is
+    all-reduced: the same number as one process evaluating the whole global batch."""
     rng = np.random.default_rng([cfg.seed, 1])  # its own stream: the sampler is not touched
     was_training = model.training
     model.eval()
-    losses = []
+    total = 0.0
     for _ in range(cfg.eval_iters):
-        x, y = get_batch(data, cfg.batch_size, cfg.seq_len, rng=rng, device=device)
+        x, y = get_batch(data, cfg.batch_size * world, cfg.seq_len, rng=rng)  # (B*W, T)
+        lo = rank * cfg.batch_size
+        x, y = x[lo:lo + cfg.batch_size].to(device), y[lo:lo + cfg.batch_size].to(device)
         with autocast_context(cfg.precision, device):
-            losses.append(lm_loss(model(x), y).item())
+            total += lm_loss(model(x), y).item()
     model.train(was_training)
-    return sum(losses) / len(losses)
+    mean = total / cfg.eval_iters
+    if world > 1:
+        mean_t = torch.tensor([mean / world], dtype=torch.float64)
+        torch.distributed.all_reduce(mean_t)
+        mean = float(mean_t[0])
+    return mean
 
 
 def peak_memory_bytes(device):
@@ -227,6 +247,30 @@ class _MicroBatchForward:
                 self._no_sync.__exit__(None, None, None)
         with autocast_context(self.precision, self.device):
             return self.model(x)
+
+
+@torch.no_grad()
+def clip_gradients(params, clip_norm, *, sharded=False):
+    """Global grad norm before clipping (a float); clips in place when clip_norm is not None.
+
+    sharded=True (ZeRO 2/3): each rank holds a disjoint part of the gradient, so the global norm
+    is sqrt(sum over ranks of local_norm**2) (one all-reduce), and every rank scales its part by
+    the same min(1, clip_norm / (norm + 1e-6)) that clip_grad_norm uses."""
+    from minitrain.clip import clip_grad_norm, grad_norm
+
+    if not sharded:
+        if clip_norm is None:
+            return float(grad_norm(params))
+        return float(clip_grad_norm(params, clip_norm))
+    squared = grad_norm(params).double() ** 2
+    torch.distributed.all_reduce(squared)
+    norm = squared.sqrt()
+    if clip_norm is not None:
+        coef = torch.clamp(clip_norm / (norm + 1e-6), max=1.0)
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(coef.to(p.grad.dtype))
+    return float(norm)
 
 
 def _finite(x):
@@ -346,14 +390,18 @@ def _train(cfg, rank, world, local_rank):
             scale = scaler.get_scale() if scaler is not None else 1.0
             if scaler is not None:
                 scaler.unscale_(optimizer)  # true gradients before measuring/clipping them
-            from minitrain.clip import clip_grad_norm, grad_norm
-            norm = float(clip_grad_norm(params, cfg.clip_norm) if cfg.clip_norm is not None
-                         else grad_norm(params))  # the norm BEFORE clipping
+            if cfg.zero_stage == 2:  # sum each gradient at its owner now, so we can measure it
+                optimizer._reduce_gradients_to_owners()
+            norm = clip_gradients(params, cfg.clip_norm, sharded=cfg.zero_stage >= 2)
             lr = optimizer.param_groups[0]["lr"]  # the lr this step uses
             if scaler is not None:
                 scaler.step(optimizer)
                 scaler.update()
                 skipped = scaler.get_scale() < scale  # the scale only backs off on inf/nan
+            elif cfg.zero_stage == 2:  # gradients already reduced above: step as stage 1 does
+                optimizer.stage = 1
+                optimizer.step()
+                optimizer.stage, skipped = 2, False
             else:
                 optimizer.step()
                 skipped = False
@@ -377,7 +425,7 @@ def _train(cfg, rank, world, local_rank):
                       "peak_mem_bytes": peak_memory_bytes(device)}
             last = step == cfg.steps - 1
             if (step + 1) % cfg.eval_every == 0 or last:
-                val_loss = evaluate(model, val_data, cfg, device)
+                val_loss = evaluate(model, val_data, cfg, device, rank=rank, world=world)
                 record["val_loss"] = _finite(val_loss)
             if is_main:
                 metrics_file.write(json.dumps(record) + "\n")
@@ -388,7 +436,7 @@ def _train(cfg, rank, world, local_rank):
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.3f}")
-            if (step + 1) % cfg.checkpoint_every == 0 or last:
+            if cfg.zero_stage != 3 and ((step + 1) % cfg.checkpoint_every == 0 or last):
                 _save(ckpt_path, cfg, step + 1, model, optimizer, scheduler, scaler, sampler,
                       is_main)
     if bar is not None:

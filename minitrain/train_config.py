@@ -151,6 +151,13 @@ def validate_config(cfg, world_size=1):
     if cfg.zero_stage > 0 and world_size == 1:
         raise ConfigError("zero_stage", "ZeRO shards state across processes: launch with torchrun "
                           "--nproc_per_node 2 -m minitrain.train ... (plain python runs ONE process)")
+    if cfg.precision == "fp16" and cfg.zero_stage >= 2:
+        raise ConfigError("precision", "fp16 with zero_stage 2/3 is not supported: each rank "
+                          "checks only its gradient shard for inf/nan, so ranks could disagree on "
+                          "skipping a step; use bf16 or zero_stage 0/1")
+    if cfg.resume and cfg.zero_stage == 3:
+        raise ConfigError("resume", "not supported with zero_stage 3: each rank holds only its "
+                          "parameter shard and checkpoint.pt is not written under stage 3")
     needs = {"precision": ("minitrain.grad_scaler", cfg.precision == "fp16"),
              "activation_checkpointing": ("minitrain.recompute", cfg.activation_checkpointing),
              "attention": ("minitrain.attention", cfg.attention != "sdpa"),

@@ -184,15 +184,13 @@ class _GatherRunFree(torch.autograd.Function):
             torch.set_rng_state(ctx.rng)  # same dropout masks as the forward
             outs = unit.run(full, inputs, ctx.call)
         pairs = [(o, g) for o, g in zip(outs, grad_outs) if o.requires_grad and g is not None]
-        wrt = [full] + [x for x in inputs if x.requires_grad]
-        grads = torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs],
-                                    allow_unused=True) if pairs else [None] * len(wrt)
-        grad_full = grads[0] if grads[0] is not None else torch.zeros_like(full)
+        if pairs:  # backward (not autograd.grad): nested units' shards must get their .grad too
+            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        grad_full = full.grad if full.grad is not None else torch.zeros_like(full)
         grad_shard = torch.empty_like(shard)
         ring_reduce_scatter(grad_shard, grad_full)  # sum over ranks of my slice
         grad_shard.div_(unit.world_size)  # data parallel: average over ranks
-        input_grads = iter(grads[1:])
-        return (None, None, grad_shard, *[next(input_grads) if x.requires_grad else None for x in inputs])
+        return (None, None, grad_shard, *[x.grad if x.requires_grad else None for x in inputs])
 
 
 class _ShardedUnit:
@@ -308,3 +306,41 @@ def memory_report(model, optimizer, *, stage, num_params):
     world = dist.get_world_size() if dist.is_initialized() else 1
     return {"predicted": predicted_bytes(num_params, world, stage),
             "measured": measured_bytes(model, optimizer)}
+
+
+def train_with_stage(rank, world, stage, *, n_layer=2, n_embd=32, steps=2, seed=0, batch=2,
+                     seq_len=32, lr=1e-3):
+    """Train the tiny GPT `steps` AdamW steps with ZeRO `stage` (0 = DDP + AdamW) on this rank's
+    slice of a seeded batch; return this rank's memory report and the last loss (all-reduced).
+    Run it under `minitrain.distributed_utils.launch`. Lessons, animation and bench share it."""
+    from minitrain.ddp import DDP
+    from minitrain.model import GPT, GPTConfig
+
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(vocab_size=256, block_size=seq_len, n_layer=n_layer, n_head=2,
+                          n_embd=n_embd))
+    num_params = sum(p.numel() for p in model.parameters())
+    sync = None
+    if stage in (0, 1):
+        model = DDP(model)
+        sync = model.finish_gradient_synchronization
+    if stage == 3:
+        shard_model(model)
+    inner = model.module if stage in (0, 1) else model
+    opt = (ZeroOptimizer(inner.parameters(), torch.optim.AdamW, stage=stage, lr=lr)
+           if stage in (1, 2) else torch.optim.AdamW(inner.parameters(), lr=lr))
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        idx = torch.randint(0, 256, (world * batch, seq_len + 1), generator=gen)
+        mine = idx[rank * batch:(rank + 1) * batch]  # (batch, seq_len + 1)
+        opt.zero_grad()
+        loss = model(mine[:, :-1], mine[:, 1:])[1]
+        loss.backward()
+        if sync is not None:
+            sync()
+        opt.step()
+    loss = loss.detach().clone()
+    dist.all_reduce(loss)
+    return {"stage": stage, "rank": rank, "loss": loss.item() / world,
+            **memory_report(inner, opt, stage=stage, num_params=num_params),
+            "num_params": num_params}

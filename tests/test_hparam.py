@@ -223,5 +223,5 @@ def test_gpt_train_fn_smoke(tmp_path):
     train_fn = hparam.make_gpt_train_fn(out_root=tmp_path)
     with pytest.raises(ValueError, match="not TrainConfig fields"):
         train_fn({"learning_rate": 1e-3}, 2)
-    loss = train_fn({"max_lr": 1e-3, "batch_size": 2, "seq_len": 16}, 3)
+    loss = train_fn({"max_lr": 1e-3, "batch_size": 2, "seq_len": 16, "n_layer": 1}, 3)
     assert math.isfinite(loss) and 3.0 < loss < 7.0

@@ -91,6 +91,12 @@ def _optimizer_cases(rank, world, seed, lr, wd):
         flat = copy.deepcopy(base)
         flat_opt = ZeroOptimizer(flat.parameters(), torch.optim.AdamW, stage=stage, **kw)
         _train(flat, flat_opt, rank, world, seed, local=True, average=(stage == 1))
+        sgd = copy.deepcopy(base)  # SGD is not scale-invariant like Adam: catches a missing 1/N
+        _train(sgd, ZeroOptimizer(sgd.parameters(), torch.optim.SGD, stage=stage, lr=lr * 10,
+                                  momentum=0.9), rank, world, seed, local=True, average=(stage == 1))
+        sgd_single = copy.deepcopy(base)
+        _train(sgd_single, torch.optim.SGD(sgd_single.parameters(), lr=lr * 10, momentum=0.9),
+               rank, world, seed, local=False, average=False)
         sd = opt.state_dict()  # a collective: every rank calls it
         ref_opt = torch.optim.AdamW(_groups(copy.deepcopy(base), lr), **kw)
         ref_opt.load_state_dict(sd)  # the unsharded format loads into plain AdamW
@@ -100,6 +106,7 @@ def _optimizer_cases(rank, world, seed, lr, wd):
         out[stage] = {
             "vs_single": _diff(ours, single),
             "vs_torch_zero": _diff(flat, theirs),
+            "sgd_vs_single": _diff(sgd, sgd_single),
             "unused_untouched": torch.equal(ours.unused, base.unused),
             "grads_kept": sum(p.grad is not None for p in ours.parameters()),
             "state_entries": len(sd["state"]),
@@ -114,7 +121,7 @@ def _optimizer_cases(rank, world, seed, lr, wd):
 @pytest.mark.parametrize("world", [2, 3])
 def test_zero_stage1_and_stage2_equal_adamw_and_torch_zero(world):
     """Stage 1 (grads averaged first) and stage 2 (grads reduced to owners) give, after 3 AdamW
-    steps with two param groups, the parameters of plain AdamW on the whole batch and of torch's
+    steps with two param groups (and 3 SGD-momentum steps), the parameters of plain AdamW (SGD) on the whole batch and of torch's
     ZeroRedundancyOptimizer; a parameter without .grad is left untouched; stage 2 keeps only owned
     gradients; the gathered state dict loads into AdamW and back; state bytes add up."""
     results = launch(_optimizer_cases, world, 7, 1e-2, 0.1, timeout_s=90)
@@ -126,6 +133,7 @@ def test_zero_stage1_and_stage2_equal_adamw_and_torch_zero(world):
             r = out[stage]
             assert r["vs_single"] < TOL, (rank, stage, r)
             assert r["vs_torch_zero"] < TOL, (rank, stage, r)
+            assert r["sgd_vs_single"] < TOL, (rank, stage, r)
             assert r["unused_untouched"] and r["reloaded_state_equal"], (rank, stage, r)
             assert r["state_entries"] == 6  # every param with a gradient, none for `unused`
         assert out[2]["grads_kept"] < 6  # stage 2 freed the gradients this rank does not own

@@ -1,0 +1,240 @@
+"""The trainer (minitrain.train): metrics, checkpoints, precisions, the CLI, exact kill-and-resume."""
+import dataclasses
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from minitrain.checkpointing import load_checkpoint
+from minitrain.data import default_corpus, pretokenize
+from minitrain.train import ConfigError, RunResult, TrainConfig, build_parser, main, train
+
+pytestmark = pytest.mark.trainer
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONTRACT_FIELDS = dict(
+    steps=200, batch_size=16, seq_len=128, accum_steps=1, max_lr=1e-3, min_lr=1e-4,
+    warmup_steps=20, clip_norm=1.0, weight_decay=0.1, n_layer=4, n_head=4, n_embd=128,
+    attention="sdpa", native_layers=True, precision="fp32", compile=False, fused_adamw=False,
+    loader="ram", batching="vectorized", zero_stage=0, activation_checkpointing=False, data=None,
+    eval_every=50, eval_iters=10, checkpoint_every=50, seed=0, out_dir="outputs/run", resume=False)
+METRIC_FIELDS = {"step", "loss", "lr", "grad_norm", "clipped", "skipped", "scale", "tokens_per_s",
+                 "peak_mem_bytes"}
+
+
+@pytest.fixture(scope="module")
+def data_bin(tmp_path_factory):
+    """A small token file (200 kB of the default corpus) shared by the trainer tests."""
+    path = tmp_path_factory.mktemp("data") / "data.bin"
+    pretokenize(default_corpus(max_bytes=200_000), path)
+    return str(path)
+
+
+def tiny(data_bin, out_dir, **overrides):
+    cfg = dict(steps=7, batch_size=4, seq_len=32, n_layer=1, n_head=2, n_embd=32, warmup_steps=2,
+               eval_every=3, eval_iters=2, checkpoint_every=3, log_every=0, data=data_bin,
+               out_dir=str(out_dir))
+    cfg.update(overrides)
+    return TrainConfig(**cfg)
+
+
+def read_metrics(out_dir):
+    return [json.loads(line) for line in (pathlib.Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_config_has_contract_fields_and_defaults():
+    """TrainConfig has every field of the contract with the contract's default."""
+    cfg = TrainConfig()
+    for name, default in CONTRACT_FIELDS.items():
+        assert getattr(cfg, name) == default, name
+
+
+def test_metrics_checkpoint_and_result(data_bin, tmp_path):
+    """One metrics line per step with every contract field (val_loss on eval steps and the last);
+    the checkpoint loads with weights_only=True and holds only plain types; RunResult agrees."""
+    result = train(tiny(data_bin, tmp_path))
+    assert isinstance(result, RunResult)
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records] == list(range(7))
+    for r in records:
+        assert METRIC_FIELDS <= set(r)
+        assert r["grad_norm"] > 0 and r["tokens_per_s"] > 0 and r["peak_mem_bytes"] > 0
+        assert r["clipped"] == (r["grad_norm"] > 1.0) and r["skipped"] is False
+    assert [r["step"] for r in records if "val_loss" in r] == [2, 5, 6]
+    assert result.final_loss == records[-1]["loss"]
+    assert result.final_val_loss == records[-1]["val_loss"]
+    assert result.losses == [r["loss"] for r in records] and result.steps_run == 7
+    assert records[0]["loss"] == pytest.approx(5.545, abs=0.15)  # fresh model: about ln 256
+
+    state = load_checkpoint(result.checkpoint_path)
+    assert state["step"] == 7
+    for key in ("model", "optimizer", "scheduler", "scaler", "rng", "config"):
+        assert key in state
+    assert {"torch", "numpy", "python", "sampler"} <= set(state["rng"])
+
+    def plain(x):
+        if isinstance(x, dict):
+            return all(isinstance(k, (str, int)) and plain(v) for k, v in x.items())
+        if isinstance(x, (list, tuple)):
+            return all(plain(v) for v in x)
+        return x is None or isinstance(x, (torch.Tensor, str, int, float, bool))
+    assert plain(state)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("overrides", [dict(precision="fp16", accum_steps=2),
+                                       dict(precision="bf16"),
+                                       dict(accum_steps=3, loader="memmap", batching="loop")])
+def test_precision_and_accumulation_smoke(data_bin, tmp_path, overrides):
+    """fp16 (+GradScaler), bf16 and accumulation train: finite losses that go down, a line per
+    step, and fp16 logs the scaler's scale (65536 at the start)."""
+    result = train(tiny(data_bin, tmp_path, steps=6, max_lr=3e-3, **overrides))
+    records = read_metrics(tmp_path)
+    assert len(records) == 6 and all(r["loss"] is not None for r in records)
+    assert result.final_loss < records[0]["loss"]
+    if overrides.get("precision") == "fp16":
+        assert records[0]["scale"] == 65536.0
+    else:
+        assert all(r["scale"] == 1.0 for r in records)
+
+
+def test_loop_and_vectorized_batching_train_identically(data_bin, tmp_path):
+    """batching='loop' and 'vectorized' (and memmap vs RAM) give bit-identical losses."""
+    a = train(tiny(data_bin, tmp_path / "a", steps=3))
+    b = train(tiny(data_bin, tmp_path / "b", steps=3, batching="loop", loader="memmap"))
+    assert a.losses == b.losses
+
+
+def test_resume_continues_exactly_in_process(data_bin, tmp_path, monkeypatch):
+    """Die just before the final checkpoint (checkpoint at step 6, lines for steps 0..8 and a
+    torn half line after it), resume: steps 6..8 are re-run, metrics.jsonl keeps exactly one line
+    per step, and the losses equal an uninterrupted run's. A finished run resumes to a no-op."""
+    import minitrain.train as train_module
+
+    ref = train(tiny(data_bin, tmp_path / "ref", steps=9))
+    out = tmp_path / "part"
+    real_save = train_module._save
+
+    class Killed(Exception):
+        pass
+
+    def dying_save(path, cfg, next_step, *args, **kwargs):
+        if next_step == 9:
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write('{"step": 9, "lo')  # a line torn by the kill
+            raise Killed
+        return real_save(path, cfg, next_step, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "_save", dying_save)
+    with pytest.raises(Killed):
+        train(tiny(data_bin, out, steps=9))
+    monkeypatch.setattr(train_module, "_save", real_save)
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == 6
+    resumed = train(tiny(data_bin, out, steps=9, resume=True))
+    assert resumed.start_step == 6 and resumed.steps_run == 3
+    assert [r["step"] for r in read_metrics(out)] == list(range(9))
+    assert resumed.losses == ref.losses and resumed.final_val_loss == ref.final_val_loss
+    again = train(tiny(data_bin, out, steps=9, resume=True))
+    assert again.steps_run == 0 and again.losses == ref.losses
+    assert again.final_val_loss == ref.final_val_loss
+
+
+def test_resume_with_a_different_config_is_refused(data_bin, tmp_path):
+    """--resume with a setting that changes the numbers raises ConfigError naming that field."""
+    train(tiny(data_bin, tmp_path, steps=3))
+    with pytest.raises(ConfigError, match="max_lr"):
+        train(tiny(data_bin, tmp_path, steps=3, max_lr=5e-3, resume=True))
+
+
+def test_kill_and_resume_is_bit_exact(data_bin, tmp_path):
+    """A run SIGKILLed mid-run (after >= 25 metrics lines) and restarted with --resume logs
+    exactly the uninterrupted run's losses, val losses and grad norms, one line per step."""
+    steps = 150
+    kw = dict(steps=steps, checkpoint_every=7, eval_every=20, eval_iters=1)
+    ref = train(tiny(data_bin, tmp_path / "ref", **kw))
+    out = tmp_path / "killed"
+    argv = [sys.executable, "-m", "minitrain.train", "--steps", str(steps), "--batch-size", "4",
+            "--seq-len", "32", "--n-layer", "1", "--n-head", "2", "--n-embd", "32",
+            "--warmup-steps", "2", "--eval-every", "20", "--eval-iters", "1",
+            "--checkpoint-every", "7", "--log-every", "0", "--data", data_bin,
+            "--out-dir", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    proc = subprocess.Popen(argv, env=env, cwd=ROOT)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if metrics.exists() and metrics.read_text().count("\n") >= 25:
+                break
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    logged = metrics.read_text().count("\n")
+    assert 25 <= logged < steps
+    resumed = train(tiny(data_bin, out, resume=True, **kw))
+    assert 0 < resumed.start_step <= logged
+    records = read_metrics(out)
+    assert [r["step"] for r in records] == list(range(steps))
+    ref_records = read_metrics(tmp_path / "ref")
+    for key in ("loss", "grad_norm", "lr", "val_loss"):
+        assert [r.get(key) for r in records] == [r.get(key) for r in ref_records], key
+    assert resumed.losses == ref.losses and resumed.final_val_loss == ref.final_val_loss
+
+
+def test_every_field_is_a_flag():
+    """The CLI has one flag per TrainConfig field, booleans as --x/--no-x, and parses back to
+    the defaults; --clip-norm none is None."""
+    parser = build_parser()
+    defaults = vars(parser.parse_args([]))
+    assert defaults == dataclasses.asdict(TrainConfig())
+    args = parser.parse_args(["--max-lr", "3e-4", "--no-native-layers", "--compile",
+                              "--clip-norm", "none", "--zero-stage", "0"])
+    assert args.max_lr == 3e-4 and args.native_layers is False and args.compile is True
+    assert args.clip_norm is None
+
+
+BAD = [(["--max-lr", "-1"], "--max-lr"), (["--steps", "0"], "--steps"),
+       (["--steps", "abc"], "--steps"), (["--precision", "fp8"], "--precision"),
+       (["--clip-norm", "0"], "--clip-norm"), (["--n-head", "3"], "--n-head"),
+       (["--min-lr", "1"], "--min-lr"), (["--warmup-steps", "300"], "--warmup-steps"),
+       (["--loader", "disk"], "--loader"), (["--zero-stage", "1"], "--zero-stage"),
+       (["--zero-stage", "4"], "--zero-stage"), (["--data", "/no/such/file"], "--data"),
+       (["--batch-size", "-2"], "--batch-size"), (["--eval-every", "0"], "--eval-every")]
+
+
+@pytest.mark.parametrize("argv,flag", BAD)
+def test_cli_bad_values_one_line(argv, flag, capsys, tmp_path):
+    """A bad value exits non-zero before training with one stderr line that names the flag."""
+    try:
+        code = main(argv + ["--out-dir", str(tmp_path)])
+    except SystemExit as exc:  # argparse's own type/choice errors
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code not in (0, None)
+    assert err.count("\n") == 1 and flag in err and "Traceback" not in err
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_cli_subprocess_no_traceback(tmp_path):
+    """Run as a real command: a bad value prints one line naming the flag, exit status 2."""
+    proc = subprocess.run([sys.executable, "-m", "minitrain.train", "--weight-decay", "-0.5",
+                           "--out-dir", str(tmp_path)], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "--weight-decay" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_train_raises_value_error_naming_field(data_bin, tmp_path):
+    """train() itself raises a ValueError naming the bad field (no CLI involved)."""
+    for field, value in [("accum_steps", 0), ("precision", "fp64"), ("seq_len", 10**7)]:
+        cfg = dataclasses.replace(tiny(data_bin, tmp_path), **{field: value})
+        with pytest.raises(ValueError, match=field):
+            train(cfg)
