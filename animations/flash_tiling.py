@@ -77,7 +77,13 @@ def main():
     cmap.set_bad(deck.BACKGROUND)
     vmin, vmax = np.nanmin(scores), np.nanmax(scores)
     naive_img = ax_naive.imshow(np.full_like(scores, np.nan), cmap=cmap, vmin=vmin, vmax=vmax)
-    flash_img = ax_flash.imshow(np.full_like(scores, np.nan), cmap=cmap, vmin=vmin, vmax=vmax)
+    done_cmap = LinearSegmentedColormap.from_list("done", [deck.PANEL, deck.MUTED])
+    done_cmap.set_bad((0, 0, 0, 0))  # transparent where nothing was visited yet
+    cmap_now = LinearSegmentedColormap.from_list("now", [deck.PANEL, deck.NAVY])
+    cmap_now.set_bad((0, 0, 0, 0))
+    # Tiles already visited are drawn faded: flash has discarded them; only the current one is held.
+    done_img = ax_flash.imshow(np.full_like(scores, np.nan), cmap=done_cmap, vmin=vmin, vmax=vmax)
+    flash_img = ax_flash.imshow(np.full_like(scores, np.nan), cmap=cmap_now, vmin=vmin, vmax=vmax)
     for ax in (ax_naive, ax_flash):
         ax.set_xlabel("key j")
         ax.set_ylabel("query i")
@@ -86,10 +92,10 @@ def main():
             ax.axvline(edge - 0.5, color=deck.MUTED, lw=0.6)
     tile_box = Rectangle((-0.5, -0.5), block, block, fill=False, ec=deck.GOLD, lw=4)
     ax_flash.add_patch(tile_box)
-    naive_text = ax_naive.text(0.5, -0.12, "", transform=ax_naive.transAxes, ha="center",
-                               color=deck.TEXT, fontsize=14)
-    flash_text = ax_flash.text(0.5, -0.12, "", transform=ax_flash.transAxes, ha="center",
-                               color=deck.TEXT, fontsize=14)
+    naive_text = ax_naive.text(0.5, -0.1, "", transform=ax_naive.transAxes, ha="center",
+                               va="top", color=deck.TEXT, fontsize=13)
+    flash_text = ax_flash.text(0.5, -0.1, "", transform=ax_flash.transAxes, ha="center",
+                               va="top", color=deck.TEXT, fontsize=13)
 
     rows = np.arange(block)
     m_bars = ax_m.bar(rows, np.zeros(block), color=deck.NAVY)
@@ -102,7 +108,6 @@ def main():
         ax.set_xticks(rows)
         ax.set_xlabel("query row in the current tile")
     step_text = fig.text(0.5, 0.9, "", ha="center", color=deck.NAVY, fontsize=16)
-    visited = np.full_like(scores, np.nan)
 
     def update(frame):
         if frame < n_intro:  # naive: S = Q K^T appears, the whole matrix held at once
@@ -110,23 +115,27 @@ def main():
             partial = np.full_like(scores, np.nan)
             partial[:shown] = scores[:shown]
             naive_img.set_data(partial)
-            naive_text.set_text(f"S = Q K^T: {shown * T:,} of {T * T:,} scores held")
+            naive_text.set_text(f"S = Q K^T: {shown * T:,} of {T * T:,} scores held\n ")
             step_text.set_text("naive attention materializes every score before the softmax")
             return
         naive_img.set_data(scores)
-        naive_text.set_text(f"{T * T:,} scores held at once (memory ~ T^2)")
+        naive_text.set_text(f"{T * T:,} scores held at once\n(and the probabilities, for backward): memory ~ T^2")
         i = min((frame - n_intro) // per_tile, n_tiles - 1)
-        for s in steps[: i + 1]:
+        done = np.full_like(scores, np.nan)  # rebuilt every frame: update(frame) has no memory
+        for s in steps[:i]:
             (q0, q1), (k0, k1) = s["q"], s["k"]
-            visited[q0:q1, k0:k1] = scores[q0:q1, k0:k1]
-        flash_img.set_data(visited)
+            done[q0:q1, k0:k1] = scores[q0:q1, k0:k1]
         step = steps[i]
         (q0, q1), (k0, k1) = step["q"], step["k"]
+        current = np.full_like(scores, np.nan)
+        current[q0:q1, k0:k1] = scores[q0:q1, k0:k1]
+        done_img.set_data(done)
+        flash_img.set_data(current)
         tile_box.set_xy((k0 - 0.5, q0 - 0.5))
         tile_box.set_width(k1 - k0)
         tile_box.set_height(q1 - q0)
-        flash_text.set_text(f"held now: one {q1 - q0}x{k1 - k0} tile + m, l, acc per row "
-                            f"(tile {i + 1}/{n_tiles}; tiles above the diagonal skipped)")
+        flash_text.set_text(f"held now: one {q1 - q0}x{k1 - k0} tile + m, l, acc per row\n"
+                            f"tile {i + 1} of {n_tiles}; tiles above the diagonal skipped")
         for bar, value in zip(m_bars, np.pad(step["m"], (0, block - len(step["m"])))):
             bar.set_height(value)
         for bar, value in zip(l_bars, np.pad(step["l"], (0, block - len(step["l"])))):

@@ -26,7 +26,7 @@ FULL = dict(lrs=[1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2], eta=3, b
             model=dict(n_layer=2, n_head=2, n_embd=32, seq_len=32, batch_size=8, eval_iters=8,
                        warmup_steps=5, min_lr=1e-5, corpus_bytes=200_000))
 QUICK = dict(lrs=[0.01, 0.03, 0.1, 0.3], eta=2, budget=4, model=None)
-GROW_FRAMES, CUT_FRAMES, HOLD_FRAMES = 14, 10, 12  # per round (default mode)
+GROW_FRAMES, CUT_FRAMES, HOLD_FRAMES = 10, 8, 10  # per round (default mode): 56 frames
 
 
 def make_sgd_train_fn(cache_dir):
@@ -162,7 +162,8 @@ def main():
         spent_text.set_y(now)
         return []
 
-    still = [i for i, f in enumerate(frames) if f[1] != "grow" and f[2] == 1.0]
+    still = sorted({i for i, f in enumerate(frames) if f[1] == "cut" and f[2] == 1.0}
+                   | {len(frames) - 1})  # the end of each round, and the winner
     deck.save(fig, update, len(frames), args, default_name="search_halving", still_frames=still)
     best_lr = min(rounds[-1]["loss"], key=rounds[-1]["loss"].get)
     print(f"halving: rounds {[len(r['loss']) for r in rounds]} configs at budgets "

@@ -14,13 +14,15 @@ Prerequisites: softmax, matrix multiplication, what autograd saves for backward.
 What it does:
 1. asserts that naive, flash and SDPA give the same output and gradients (float64);
 2. for T = 256, 512, 1024 (B=1, H=4, D=64, causal, float32) runs each method in its own FRESH
-   subprocess (sizes in increasing order) and measures forward+backward time (median of 3, after the first call) and the
-   peak extra resident memory: on Linux /proc/self/clear_refs resets the high-water mark, then
-   VmHWM - VmRSS(before) is what the first full-size forward+backward added (after a tiny
-   warm-up call that pays one-off initialization; elsewhere: ru_maxrss delta). Memory a method
-   freed stays mapped and would hide growth, so each method gets its own process, sizes run
-   smallest first and glibc's malloc_trim(0) returns freed pages to the OS before each size
-   (benchmarks/bench_attention.py goes further: one fresh process per cell);
+   subprocess (sizes in increasing order) and measures forward+backward time (median of 3,
+   after the first call) and the peak extra resident memory: on Linux /proc/self/clear_refs
+   resets the high-water mark, then VmHWM - VmRSS(before) is what the first full-size
+   forward+backward added (after a tiny warm-up call that pays one-off initialization;
+   elsewhere: ru_maxrss delta). Memory a method freed could stay mapped and hide growth, so each
+   method gets its own process, sizes run smallest first, glibc's mmap threshold is pinned to
+   64 KiB (big blocks are fresh mappings, unmapped when freed) and malloc_trim(0) returns freed
+   heap pages before each size (benchmarks/bench_attention.py goes further: one fresh process
+   per cell);
 3. prints a table, saves outputs/lesson08/attention.png, and asserts its claims: naive's
    memory grows ~T^2 (doubling T multiplies it by > 3), flash's stays a small fraction of naive's.
 

@@ -92,6 +92,9 @@ def train_run(name, batches):
 
 
 def main():
+    # One thread: on a shared 2-core machine a 2-thread OpenMP region stalls whenever the other
+    # core is busy, and the timings become noise. Ratios between dtypes are what we compare.
+    torch.set_num_threads(1)
     OUT.mkdir(parents=True, exist_ok=True)
     flags = cpu_flags()
     units = sorted(flags & {"amx_bf16", "avx512_bf16", "avx512_fp16", "amx_fp16"})

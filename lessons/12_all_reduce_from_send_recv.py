@@ -98,7 +98,7 @@ def _rank_main(rank, world):
 def main():
     OUT.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    per_world = {world: launch(_rank_main, world, timeout_s=120) for world in WORLDS}
+    per_world = {world: launch(_rank_main, world, timeout_s=120, preload=()) for world in WORLDS}
     print(f"{'N':>2} {'MB':>5} | {'sent/rank naive (max)':>21} {'ring':>10} {'2(N-1)/N*D':>11} | "
           f"{'naive ms':>8} {'ring ms':>8} {'gloo ms':>8}")
     table = []

@@ -27,7 +27,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from minitrain.ddp import compare_ddp_modes  # noqa: E402
+from minitrain.distributed_utils import compare_ddp_modes  # noqa: E402
 from minitrain.distributed_utils import launch  # noqa: E402
 from minitrain.model import GPT, GPTConfig  # noqa: E402
 

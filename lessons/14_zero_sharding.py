@@ -26,7 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from minitrain.distributed_utils import launch  # noqa: E402
-from minitrain.zero import train_with_stage  # noqa: E402
+from minitrain.distributed_utils import train_with_stage  # noqa: E402
 
 OUT = pathlib.Path("outputs/lesson14")
 WORLDS = (2, 3)

@@ -4,7 +4,7 @@ What. A language model trains on *token ids*. minitrain uses the simplest tokeni
 every UTF-8 byte is one token (`vocab_size = 256`), so no vocabulary file and no download. The
 pipeline is:
 
-    text --encode--> ids (uint16) --pretokenize--> data.bin --load_tokens--> ndarray --get_batch--> (x, y)
+    text --encode--> ids --pretokenize--> data.bin --load_tokens--> ndarray --get_batch--> (x, y)
 
 Why pretokenize once. Tokenizing is slow and identical on every run; doing it once and saving the
 ids as raw `uint16` (2 bytes per token, `numpy.tofile`) means a run starts by reading a flat array.
@@ -83,13 +83,16 @@ class ByteTokenizer:
         return arr.astype(np.uint8).tobytes().decode("utf-8", errors="replace")
 
 
+SKIPPED_DIRS = ("site-packages", "dist-packages", "__pycache__")
+
+
 def _stdlib_sources():
     """(relative posix path, absolute Path) of every stdlib .py file, sorted by relative path."""
     root = pathlib.Path(sysconfig.get_paths()["stdlib"])
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
         # prune third-party packages (not the standard library) and bytecode caches
-        dirnames[:] = [d for d in dirnames if d not in ("site-packages", "dist-packages", "__pycache__")]
+        dirnames[:] = [d for d in dirnames if d not in SKIPPED_DIRS]
         for name in filenames:
             if name.endswith(".py"):
                 path = pathlib.Path(dirpath, name)
@@ -105,7 +108,8 @@ def default_corpus(max_bytes=None):
     result: the concatenation is cut at `max_bytes` on a *character* boundary (the cut may fall
     inside a file, never inside a multi-byte character), so `len(text.encode()) <= max_bytes`.
     """
-    if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0):
+    if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int)
+                                  or max_bytes < 0):
         raise ValueError(f"max_bytes must be None or an int >= 0, got {max_bytes!r}")
     chunks, total = [], 0
     for _, path in _stdlib_sources():
@@ -144,7 +148,7 @@ def _atomic_write_array(array, path):
 
 
 def pretokenize(text, path, *, tokenizer=None, dtype=np.uint16):
-    """Encode `text` and write the ids to `path` as raw `dtype` binary, atomically. Returns the count."""
+    """Encode `text`, write the ids to `path` as raw `dtype` binary atomically; return the count."""
     tokenizer = ByteTokenizer() if tokenizer is None else tokenizer
     dtype = np.dtype(dtype)
     if not np.issubdtype(dtype, np.integer):
@@ -155,7 +159,8 @@ def pretokenize(text, path, *, tokenizer=None, dtype=np.uint16):
         ids = np.asarray(tokenizer.encode(text), dtype=np.int64)
     vocab = getattr(tokenizer, "vocab_size", int(ids.max()) + 1 if ids.size else 0)
     if vocab - 1 > np.iinfo(dtype).max:
-        raise ValueError(f"dtype {dtype} cannot hold token ids up to {vocab - 1}; use a wider dtype")
+        raise ValueError(f"dtype {dtype} cannot hold token ids up to {vocab - 1}; "
+                         "use a wider dtype")
     _atomic_write_array(ids.astype(dtype, copy=False), path)
     return int(ids.size)
 
@@ -172,7 +177,8 @@ def load_tokens(path, *, mode="ram", dtype=np.uint16):
     if mode not in ("ram", "memmap"):
         raise ValueError(f"mode must be 'ram' or 'memmap', got {mode!r}")
     if not path.is_file():
-        raise ValueError(f"token file {str(path)!r} does not exist; create it with pretokenize(text, path)")
+        raise ValueError(f"token file {str(path)!r} does not exist; "
+                         "create it with pretokenize(text, path)")
     size = path.stat().st_size
     if size % dtype.itemsize:
         raise ValueError(
@@ -186,7 +192,7 @@ def load_tokens(path, *, mode="ram", dtype=np.uint16):
 
 
 def split_tokens(tokens, val_fraction=0.1):
-    """(train, val): val is the LAST `val_fraction` of the stream, one contiguous block (views, no copy).
+    """(train, val): val is the LAST `val_fraction` of the stream, one contiguous block (views).
 
     n_val = int(len(tokens) * val_fraction), at least 1; train = tokens[:-n_val].
     """
@@ -194,7 +200,8 @@ def split_tokens(tokens, val_fraction=0.1):
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
     n_val = max(1, int(len(tokens) * val_fraction))
     if n_val >= len(tokens):
-        raise ValueError(f"cannot split {len(tokens)} tokens with val_fraction={val_fraction}: need more data")
+        raise ValueError(f"cannot split {len(tokens)} tokens with val_fraction={val_fraction}: "
+                         "need more data")
     return tokens[:-n_val], tokens[-n_val:]
 
 
@@ -276,7 +283,8 @@ def load_dataset(data=None, *, mode="ram", cache_dir=None, max_bytes=None):
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
-        raise ValueError(f"data file {str(path)!r} is neither a .bin token file nor UTF-8 text") from None
+        raise ValueError(f"data file {str(path)!r} is neither a .bin token file "
+                         "nor UTF-8 text") from None
     cache_dir = pathlib.Path(DEFAULT_CACHE_DIR if cache_dir is None else cache_dir)
     cached = cache_dir / f"text-{hashlib.sha1(raw).hexdigest()[:16]}.bin"
     if not cached.is_file():

@@ -43,6 +43,9 @@ import torch
 import torch.distributed as dist
 
 MODES = ("naive", "overlap", "bucketed")
+_TWICE = ("a gradient arrived twice before synchronisation: call "
+          "finish_gradient_synchronization() after every backward, or wrap the accumulation "
+          "backwards in no_sync()")
 
 
 class _Bucket:
@@ -95,6 +98,7 @@ class DDP(torch.nn.Module):
         # Reverse registration order: backward produces the last layer's gradients first.
         self._params = [p for p in module.parameters() if p.requires_grad][::-1]
         self._pending = []  # "overlap": (param, work) pairs launched by hooks
+        self._launched = set()  # "overlap": ids of params whose all-reduce is in flight
         cap_bytes = bucket_cap_mb * 1024 * 1024
         self._buckets, self._where = [], {}  # id(param) -> (bucket index, position in bucket)
         current, size = [], 0
@@ -136,6 +140,9 @@ class DDP(torch.nn.Module):
     def _overlap_hook(self, param):  # receives the PARAMETER; its .grad is now complete
         if not self._sync:
             return
+        if id(param) in self._launched:
+            raise RuntimeError(_TWICE)
+        self._launched.add(id(param))
         param.grad.div_(self.world_size)  # sum of (g_r / N) = average
         self._pending.append((param, dist.all_reduce(param.grad, async_op=True)))
 
@@ -146,9 +153,7 @@ class DDP(torch.nn.Module):
         b, i = self._where[id(param)]
         bucket = self._buckets[b]
         if id(param) in bucket.ready:
-            raise RuntimeError("a gradient arrived twice before synchronisation: call "
-                               "finish_gradient_synchronization() after every backward, or "
-                               "wrap the accumulation backwards in no_sync()")
+            raise RuntimeError(_TWICE)
         bucket.pack(param, i)
         self._launch_ready_buckets()
 
@@ -180,7 +185,7 @@ class DDP(torch.nn.Module):
                     self._overlap_hook(p)
             for _, work in self._pending:
                 work.wait()
-            self._pending = []
+            self._pending, self._launched = [], set()
             return
         for bucket in self._buckets:  # "bucketed": pack whatever the hooks did not
             for i, p in enumerate(bucket.params):
@@ -194,75 +199,3 @@ class DDP(torch.nn.Module):
             bucket.work = None
         self._next_bucket = 0
 
-
-VARIANTS = {  # label -> DDP keyword arguments (None = torch's DistributedDataParallel)
-    "naive": dict(mode="naive", overlap=False),
-    "overlap": dict(mode="overlap", overlap=True),
-    "bucketed": dict(mode="bucketed", overlap=True),
-    "bucketed_no_overlap": dict(mode="bucketed", overlap=False),
-    "torch_ddp": None,
-}
-
-
-def compare_ddp_modes(rank, world, *, variants=tuple(VARIANTS), n_layer=2, n_head=2, n_embd=32,
-                      batch=4, seq_len=64, check_steps=3, warmup=2, iters=10, seed=0,
-                      bucket_cap_mb=25.0):
-    """Run under `distributed_utils.launch`: for each variant, train the tiny GPT `check_steps`
-    AdamW steps from the same weights (max |param - torch DDP's|), count the all-reduce calls of
-    one step, then time steps round-robin over the variants (fair under a noisy machine).
-    Returns {label: {"max_diff", "all_reduces_per_step", "times_s"}} for this rank."""
-    import copy
-    import time
-
-    from torch.nn.parallel import DistributedDataParallel as TorchDDP
-
-    from minitrain.model import GPT, GPTConfig
-
-    torch.manual_seed(seed)
-    base = GPT(GPTConfig(vocab_size=256, block_size=seq_len, n_layer=n_layer, n_head=n_head,
-                         n_embd=n_embd))
-    calls = {"n": 0}
-    original_all_reduce = dist.all_reduce
-
-    def counting_all_reduce(*args, **kwargs):
-        calls["n"] += 1
-        return original_all_reduce(*args, **kwargs)
-
-    gen = torch.Generator().manual_seed(seed + 1)
-    data = torch.randint(0, 256, (check_steps + 1, world * batch, seq_len + 1), generator=gen)
-    runs = {}
-    for label in ("torch_ddp",) + tuple(v for v in variants if v != "torch_ddp"):
-        kwargs = VARIANTS[label]
-        model = (TorchDDP(copy.deepcopy(base)) if kwargs is None
-                 else DDP(copy.deepcopy(base), bucket_cap_mb=bucket_cap_mb, **kwargs))
-        sync = getattr(model, "finish_gradient_synchronization", lambda: None)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-
-        def step(i, model=model, sync=sync, opt=opt):
-            mine = data[i % len(data), rank * batch:(rank + 1) * batch]  # (batch, seq_len + 1)
-            opt.zero_grad(set_to_none=True)
-            model(mine[:, :-1], mine[:, 1:])[1].backward()
-            sync()
-            opt.step()
-
-        for i in range(check_steps):
-            step(i)
-        dist.all_reduce = counting_all_reduce
-        calls["n"] = 0
-        step(check_steps)
-        dist.all_reduce = original_all_reduce
-        inner = model.module
-        runs[label] = {"step": step, "params": [p.detach().clone() for p in inner.parameters()],
-                       "all_reduces_per_step": calls["n"], "times_s": []}
-    ref = runs["torch_ddp"]["params"]
-    for run in runs.values():
-        run["max_diff"] = max((a - b).abs().max().item() for a, b in zip(run["params"], ref))
-    for i in range(warmup + iters):
-        for run in runs.values():
-            dist.barrier()
-            t0 = time.perf_counter()
-            run["step"](i)
-            if i >= warmup:
-                run["times_s"].append(time.perf_counter() - t0)
-    return {label: {k: run[k] for k in ("max_diff", "all_reduces_per_step", "times_s")}
-            for label, run in runs.items() if label in variants}

@@ -14,7 +14,7 @@ makes the threads wait on each other whenever another process holds a core (meas
 busy 2-core box: 4,934 tok/s with 1 thread vs 839 tok/s with 2). `--threads 2` on an idle
 machine is faster.
 
-    python -m minitrain.demo [--steps 400] [--threads 1] [--out outputs/demo]
+    python -m minitrain.demo [--steps 300] [--threads 1] [--out outputs/demo]
 """
 import argparse
 import math
@@ -70,7 +70,7 @@ def plot(result, path):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("outputs/demo"))
     args = parser.parse_args(argv)
@@ -79,7 +79,8 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     cache = corpus_cache_path()  # pretokenize once; the trainer (data=None) reads this file
-    print(f"corpus: {cache} ({cache.stat().st_size // 2:,} tokens, {time.perf_counter() - t0:.1f} s)")
+    n_tokens = cache.stat().st_size // 2
+    print(f"corpus: {cache} ({n_tokens:,} tokens, {time.perf_counter() - t0:.1f} s)")
     cfg = demo_config(args.steps, args.out / "run")
     result = train(cfg)
     wall = time.perf_counter() - t0

@@ -1,8 +1,8 @@
 """Launch a function on N CPU processes that form one torch.distributed group (gloo).
 
-What: `launch(fn, world_size, *args, timeout_s=60)` starts `world_size` processes, joins them into
-one gloo process group, calls `fn(rank, world_size, *args, **kwargs)` in each, and returns the list of the
-ranks' return values (index = rank). Tests, lessons and benchmarks all use it, so none of them
+What: `launch(fn, world_size, *args, timeout_s=60)` starts `world_size` processes, joins them
+into one gloo process group, calls `fn(rank, world_size, *args, **kwargs)` in each, and returns
+the list of the ranks' return values (index = rank). Tests, lessons and benchmarks all use it, so none of them
 copies the set-up code.
 
 Why: torch.distributed code needs several processes. In production `torchrun` starts them and sets
@@ -23,6 +23,7 @@ Common bug: starting a distributed script with plain `python` runs a single proc
 WORLD_SIZE unset; use `torchrun --nproc_per_node N` (or this helper) instead.
 """
 import datetime
+import importlib
 import io
 import os
 import queue
@@ -65,10 +66,14 @@ def _worker(rank, world_size, port, timeout_s, fn, args, kwargs, results, thread
         results.put((rank, "error", traceback.format_exc()))
 
 
-def launch(fn, world_size, *args, timeout_s=60.0, start_method=None, threads=1, **kwargs):
-    """Run `fn(rank, world_size, *args, **kwargs)` on `world_size` gloo ranks; return [result_rank0, ...].
+def launch(fn, world_size, *args, timeout_s=60.0, start_method=None, threads=1,
+           preload=("torch._dynamo",), **kwargs):
+    """Run `fn(rank, world_size, *args, **kwargs)` on `world_size` gloo ranks; return the list
+    [result of rank 0, result of rank 1, ...].
 
-    Raises RuntimeError with the failing rank's traceback, or TimeoutError after `timeout_s`.
+    `preload`: modules imported in the parent before forking (pass () when `fn` builds no
+    optimizer and no torch DDP). Raises RuntimeError with the failing rank's traceback, or
+    TimeoutError after `timeout_s`.
     """
     if not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
@@ -79,7 +84,8 @@ def launch(fn, world_size, *args, timeout_s=60.0, start_method=None, threads=1, 
     if start_method == "fork":
         # torch.optim.Optimizer and torch's DDP import torch._dynamo on first use (5-15 s on a
         # busy 2-core machine). Imported once here, every forked rank inherits it for free.
-        import torch._dynamo  # noqa: F401
+        for name in preload:
+            importlib.import_module(name)
     ctx = mp.get_context(start_method)
     results = ctx.Queue()
     port = free_port()
@@ -119,3 +125,119 @@ def launch(fn, world_size, *args, timeout_s=60.0, start_method=None, threads=1, 
                 p.kill()
                 p.join(timeout=5)
     return out
+
+
+# ---- experiments shared by lessons 13-14, the animations and the benchmark -------------------
+# Each is a launch target: `launch(train_with_stage, 2, stage)`. They live here (not in the
+# algorithm modules) so those stay short and only teach the algorithm.
+def train_with_stage(rank, world, stage, *, n_layer=2, n_embd=32, steps=2, seed=0, batch=2,
+                     seq_len=32, lr=1e-3):
+    """Train the tiny GPT `steps` AdamW steps with ZeRO `stage` (0 = DDP + AdamW) on this rank's
+    slice of a seeded batch; return this rank's memory report and the last loss (all-reduced).
+    Run it under `minitrain.distributed_utils.launch`. Lessons, animation and bench share it."""
+    from minitrain.ddp import DDP
+    from minitrain.model import GPT, GPTConfig
+    from minitrain.zero import ZeroOptimizer, memory_report, shard_model
+
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(vocab_size=256, block_size=seq_len, n_layer=n_layer, n_head=2,
+                          n_embd=n_embd))
+    num_params = sum(p.numel() for p in model.parameters())
+    sync = None
+    if stage in (0, 1):
+        model = DDP(model)
+        sync = model.finish_gradient_synchronization
+    if stage == 3:
+        shard_model(model)
+    inner = model.module if stage in (0, 1) else model
+    opt = (ZeroOptimizer(inner.parameters(), torch.optim.AdamW, stage=stage, lr=lr)
+           if stage in (1, 2) else torch.optim.AdamW(inner.parameters(), lr=lr))
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        idx = torch.randint(0, 256, (world * batch, seq_len + 1), generator=gen)
+        mine = idx[rank * batch:(rank + 1) * batch]  # (batch, seq_len + 1)
+        opt.zero_grad()
+        loss = model(mine[:, :-1], mine[:, 1:])[1]
+        loss.backward()
+        if sync is not None:
+            sync()
+        opt.step()
+    loss = loss.detach().clone()
+    dist.all_reduce(loss)
+    return {"stage": stage, "rank": rank, "loss": loss.item() / world,
+            **memory_report(inner, opt, stage=stage, num_params=num_params),
+            "num_params": num_params}
+
+
+VARIANTS = {  # label -> DDP keyword arguments (None = torch's DistributedDataParallel)
+    "naive": dict(mode="naive", overlap=False),
+    "overlap": dict(mode="overlap", overlap=True),
+    "bucketed": dict(mode="bucketed", overlap=True),
+    "bucketed_no_overlap": dict(mode="bucketed", overlap=False),
+    "torch_ddp": None,
+}
+
+
+def compare_ddp_modes(rank, world, *, variants=tuple(VARIANTS), n_layer=2, n_head=2, n_embd=32,
+                      batch=4, seq_len=64, check_steps=3, warmup=2, iters=10, seed=0,
+                      bucket_cap_mb=25.0):
+    """Run under `distributed_utils.launch`: for each variant, train the tiny GPT `check_steps`
+    AdamW steps from the same weights (max |param - torch DDP's|), count the all-reduce calls of
+    one step, then time steps round-robin over the variants (fair under a noisy machine).
+    Returns {label: {"max_diff", "all_reduces_per_step", "times_s"}} for this rank."""
+    import copy
+    import time
+
+    from torch.nn.parallel import DistributedDataParallel as TorchDDP
+
+    from minitrain.ddp import DDP
+    from minitrain.model import GPT, GPTConfig
+
+    torch.manual_seed(seed)
+    base = GPT(GPTConfig(vocab_size=256, block_size=seq_len, n_layer=n_layer, n_head=n_head,
+                         n_embd=n_embd))
+    calls = {"n": 0}
+    original_all_reduce = dist.all_reduce
+
+    def counting_all_reduce(*args, **kwargs):
+        calls["n"] += 1
+        return original_all_reduce(*args, **kwargs)
+
+    gen = torch.Generator().manual_seed(seed + 1)
+    data = torch.randint(0, 256, (check_steps + 1, world * batch, seq_len + 1), generator=gen)
+    runs = {}
+    for label in ("torch_ddp",) + tuple(v for v in variants if v != "torch_ddp"):
+        kwargs = VARIANTS[label]
+        model = (TorchDDP(copy.deepcopy(base)) if kwargs is None
+                 else DDP(copy.deepcopy(base), bucket_cap_mb=bucket_cap_mb, **kwargs))
+        sync = getattr(model, "finish_gradient_synchronization", lambda: None)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+        def step(i, model=model, sync=sync, opt=opt):
+            mine = data[i % len(data), rank * batch:(rank + 1) * batch]  # (batch, seq_len + 1)
+            opt.zero_grad(set_to_none=True)
+            model(mine[:, :-1], mine[:, 1:])[1].backward()
+            sync()
+            opt.step()
+
+        for i in range(check_steps):
+            step(i)
+        dist.all_reduce = counting_all_reduce
+        calls["n"] = 0
+        step(check_steps)
+        dist.all_reduce = original_all_reduce
+        inner = model.module
+        runs[label] = {"step": step, "params": [p.detach().clone() for p in inner.parameters()],
+                       "all_reduces_per_step": calls["n"], "times_s": []}
+    ref = runs["torch_ddp"]["params"]
+    for run in runs.values():
+        run["max_diff"] = max((a - b).abs().max().item() for a, b in zip(run["params"], ref))
+    for i in range(warmup + iters):
+        for run in runs.values():
+            dist.barrier()
+            t0 = time.perf_counter()
+            run["step"](i)
+            if i >= warmup:
+                run["times_s"].append(time.perf_counter() - t0)
+    return {label: {k: run[k] for k in ("max_diff", "all_reduces_per_step", "times_s")}
+            for label, run in runs.items() if label in variants}

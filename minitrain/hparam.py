@@ -119,7 +119,7 @@ class SearchResult:
     trials: list  # every Trial, in the order they were run (or read from the log)
     best_budget: object = None
     best_spread: float = 0.0  # sample std over seeds (0.0 with one seed)
-    summary: list = field(default_factory=list)  # per (config, budget): mean, std, losses, round
+    summary: list = field(default_factory=list)  # one row per (config, budget): mean, std, losses
     rounds: list = field(default_factory=list)  # per round/stage: budget and the configs it ranked
     total_budget: float = 0  # sum of budget over every trial (each seed counts)
     n_trained: int = 0  # train_fn calls made by this search
@@ -176,7 +176,7 @@ def _append(path, record):
 class _Runner:
     """Runs (config, budget) over every seed, reusing the log and results already in memory."""
 
-    def __init__(self, train_fn, seeds, log_path, progress, total, strategy):
+    def __init__(self, train_fn, seeds, log_path, hide_bar, total, strategy):
         self.train_fn, self.seeds, self.log_path, self.strategy = train_fn, seeds, log_path, strategy
         self.done = {}  # key -> Trial, from the log and from this search
         self.used = set()  # keys of the trials this search has used (each counted once)
@@ -188,7 +188,7 @@ class _Runner:
                 trial = Trial(r["config"], r["budget"], r.get("seed"), loss,
                               float(r.get("wall_s", 0.0)), int(r.get("round", 0)), True)
                 self.done[_key(trial.config, trial.budget, trial.seed)] = trial
-        self.bar = tqdm(total=total, desc=f"search:{strategy}", disable=progress, leave=False)
+        self.bar = tqdm(total=total, desc=f"search:{strategy}", disable=hide_bar, leave=False)
 
     def evaluate(self, config, budget, round_index):
         """Mean and spread of the loss of `config` at `budget` over the seeds."""
@@ -278,7 +278,7 @@ def search(space, train_fn, *, strategy="grid", budget=None, log_path=None, n=No
     (the grid, then `fine_points` new values on each side of the best on every numeric axis).
     seeds: list of seeds; each config runs once per seed with `config["seed"] = s`, ranked by mean.
     configs: an explicit list of configs to try instead of the grid of `space` (e.g. the finalists
-    of an earlier stage); grid, random (needs n <= len(configs)) and halving use it as their pool.
+    of an earlier stage); grid and halving use it as their pool, random samples n of it.
     progress: show a tqdm bar with the best loss so far (False hides it).
     """
     _check_space(space)
@@ -316,6 +316,10 @@ def search(space, train_fn, *, strategy="grid", budget=None, log_path=None, n=No
         configs = pool
     else:
         configs = random_configs(space, n, seed=seed) if n is not None else grid(space)
+    unique = {}  # a config listed twice (a repeated axis value) is tried once
+    for config in configs:
+        unique.setdefault(_key(config, None, None), config)
+    configs = list(unique.values())
     if strategy == "halving":
         sizes, budgets = _halving_plan(len(configs), eta, budget, min_budget)
         total = sum(sizes) * len(seeds)
@@ -325,7 +329,7 @@ def search(space, train_fn, *, strategy="grid", budget=None, log_path=None, n=No
     rounds = []
     try:
         if strategy == "halving":
-            for i, (size, b) in enumerate(zip(sizes, budgets)):
+            for i, b in enumerate(budgets):
                 ranked = runner.sweep(configs, b, i)
                 rounds.append({"round": i, "budget": b, "ranked": ranked})
                 configs = [row["config"] for row in ranked[:sizes[i + 1]]] if i + 1 < len(sizes) else []
@@ -338,7 +342,8 @@ def search(space, train_fn, *, strategy="grid", budget=None, log_path=None, n=No
     finally:
         runner.bar.close()
     best = final[0]
-    summary = [row for r in rounds for row in r["ranked"]]
+    summary = list({_key(row["config"], row["budget"], None): row
+                    for r in rounds for row in r["ranked"]}.values())  # each (config, budget) once
     spent = sum(t.budget for t in runner.trials if t.budget is not None)
     return SearchResult(best["config"], best["mean"], runner.trials, best["budget"], best["std"],
                         summary, rounds, spent, runner.n_trained, runner.n_from_log, strategy)

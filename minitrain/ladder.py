@@ -272,6 +272,8 @@ def ladder_table(results, *, reference_key="0"):
         row["name"] = rung.name
         row["note"] = r.get("note", rung.note)
         row["speedup"] = r["tokens_per_s"] / ref["tokens_per_s"]
+        parent = by_key.get(rung.builds_on) if rung.builds_on else None
+        row["vs_parent"] = r["tokens_per_s"] / parent["tokens_per_s"] if parent else None
         if r.get("peak_rss_bytes") and ref.get("peak_rss_bytes"):
             row["mem_ratio"] = r["peak_rss_bytes"] / ref["peak_rss_bytes"]
         rows.append(row)
@@ -280,18 +282,19 @@ def ladder_table(results, *, reference_key="0"):
 
 def format_table(rows, *, valid=None):
     """Markdown table; a rung whose validation failed shows INVALID instead of its speed."""
-    lines = ["| rung | change | tokens/s | speedup vs 0 | first step s | peak RSS MB "
-             "| loss after N steps | note |",
-             "|---|---|---:|---:|---:|---:|---:|---|"]
+    lines = ["| rung | change | tokens/s | speedup vs 0 | vs the rung below | first step s "
+             "| peak mem MB | loss after N steps | note |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for row in rows:
         ok = True if valid is None else valid.get(row["key"], (False, ""))[0]
         tps = f"{row['tokens_per_s']:,.0f}" if ok else "INVALID"
         speed = f"{row['speedup']:.2f}x" if ok else "-"
+        below = f"{row['vs_parent']:.2f}x" if ok and row.get("vs_parent") else "-"
         first = row["tokens_per_step"] / row["first_step_tokens_per_s"] \
             if row.get("tokens_per_step") else float("nan")
-        rss = row.get("peak_rss_bytes", 0) / 2**20
-        lines.append(f"| {row['key']} | {row['name']} | {tps} | {speed} | {first:.2f} | "
-                     f"{rss:,.0f} | {row['final_loss']:.4f} | {row['note']} |")
+        mem = (row.get("peak_mem_bytes") or row.get("peak_rss_bytes") or 0) / 2**20
+        lines.append(f"| {row['key']} | {row['name']} | {tps} | {speed} | {below} | "
+                     f"{first:.2f} | {mem:,.0f} | {row['final_loss']:.4f} | {row['note']} |")
     return "\n".join(lines)
 
 

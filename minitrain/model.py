@@ -18,7 +18,8 @@ Why these choices:
   or the from-scratch versions below; `attention` picks "sdpa" (the built-in fused kernel),
   "naive" or "flash" (both from scratch, minitrain.attention). Parameter names never change, so a
   state_dict loads into every variant and they all compute the same function - that is what
-  makes the speed ladder a fair comparison.
+  makes the speed ladder a fair comparison. (One difference: with dropout > 0 while training,
+  only "sdpa" also drops attention probabilities; "naive"/"flash" drop on the residual paths only.)
 - `activation_checkpointing=True` runs each Block through minitrain.recompute.checkpoint while
   training: only each Block's input is stored, its inside is recomputed in backward.
 

@@ -68,7 +68,12 @@ import torch
 import torch.nn.functional as F
 
 from minitrain import checkpointing as ckpt
+from minitrain.accumulate import accumulate_gradients
+from minitrain.clip import clip_grad_norm, grad_norm
 from minitrain.data import get_batch, get_batch_loop, load_dataset, split_tokens
+from minitrain.grad_scaler import GradScaler
+from minitrain.model import GPT, GPTConfig
+from minitrain.schedule import WarmupCosine
 from minitrain.train_config import (RESUME_FREE_FIELDS, ConfigError, TrainConfig,  # noqa: F401
                                     build_parser, validate_config)
 
@@ -123,8 +128,6 @@ def resolve_device(cfg, local_rank=0):
 
 def build_model(cfg, device="cpu"):
     """The GPT for a TrainConfig (block_size = seq_len), seeded with cfg.seed, on `device`."""
-    from minitrain.model import GPT, GPTConfig
-
     torch.manual_seed(cfg.seed)
     gpt_cfg = GPTConfig(block_size=cfg.seq_len, n_layer=cfg.n_layer, n_head=cfg.n_head,
                         n_embd=cfg.n_embd, dropout=cfg.dropout, attention=cfg.attention,
@@ -186,8 +189,9 @@ def autocast_context(precision, device):
 def lm_loss(output, y):
     """Mean next-token cross-entropy of model(x)'s (logits, _) against y; -100 targets ignored."""
     logits = output[0]  # (B, T, V)
-    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1),
-                           ignore_index=-100)
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()  # softmax + log in fp32: low-precision logits lose the tail
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), ignore_index=-100)
 
 
 @torch.no_grad()
@@ -234,7 +238,8 @@ class _MicroBatchForward:
     0..n-2: those only accumulate locally and the last backward all-reduces the sum)."""
 
     def __init__(self, model, n_micro, precision, device, ddp=None):
-        self.model, self.n, self.precision, self.device, self.ddp = model, n_micro, precision, device, ddp
+        self.model, self.n, self.ddp = model, n_micro, ddp
+        self.precision, self.device = precision, device
         self.calls, self._no_sync = 0, None
 
     def __call__(self, x):
@@ -256,8 +261,6 @@ def clip_gradients(params, clip_norm, *, sharded=False):
     sharded=True (ZeRO 2/3): each rank holds a disjoint part of the gradient, so the global norm
     is sqrt(sum over ranks of local_norm**2) (one all-reduce), and every rank scales its part by
     the same min(1, clip_norm / (norm + 1e-6)) that clip_grad_norm uses."""
-    from minitrain.clip import clip_grad_norm, grad_norm
-
     if not sharded:
         if clip_norm is None:
             return float(grad_norm(params))
@@ -289,7 +292,11 @@ def _draw_micro_batches(train_data, cfg, rng, rank, world, device):
 
 
 def train(config):
-    """Train per `config` (a TrainConfig); returns a RunResult. Bad fields raise ConfigError."""
+    """Train per `config` (a TrainConfig); returns a RunResult. Bad fields raise ConfigError.
+
+    Seeds the global torch / numpy / python RNGs with config.seed (the run owns them). Under
+    torchrun it creates the process group (and destroys it at the end); if a group already
+    exists (a test's launcher), it uses that one and leaves it alone."""
     rank, world, local_rank = _distributed_env()
     validate_config(config, world)
     own_group = world > 1 and not _dist_ready()
@@ -327,12 +334,10 @@ def _train(cfg, rank, world, local_rank):
         from minitrain.zero import shard_model
         model = shard_model(model)
     optimizer = build_optimizer(model, cfg, device, say)
-    from minitrain.schedule import WarmupCosine
     scheduler = WarmupCosine(optimizer, total_steps=cfg.steps, warmup_steps=cfg.warmup_steps,
                              min_lr=cfg.min_lr)
     scaler = None
     if cfg.precision == "fp16":
-        from minitrain.grad_scaler import GradScaler
         scaler = GradScaler()
     sampler = np.random.default_rng(cfg.seed)  # draws every training batch
 
@@ -377,13 +382,12 @@ def _train(cfg, rank, world, local_rank):
         say = bar.write if cfg.log_every > 0 else say
 
     model.train()
-    step_tps, val_loss = [], None
+    step_tps = []
     with open(metrics_path, "a") if is_main else contextlib.nullcontext() as metrics_file:
         for step in range(start_step, cfg.steps):
             t0 = time.perf_counter()
             micro = _draw_micro_batches(train_data, cfg, sampler, rank, world, device)
             forward = _MicroBatchForward(train_model, cfg.accum_steps, cfg.precision, device, ddp)
-            from minitrain.accumulate import accumulate_gradients
             loss = accumulate_gradients(forward, micro, lm_loss, scaler=scaler)
             if ddp is not None:
                 ddp.finish_gradient_synchronization()
@@ -427,45 +431,47 @@ def _train(cfg, rank, world, local_rank):
             if (step + 1) % cfg.eval_every == 0 or last:
                 val_loss = evaluate(model, val_data, cfg, device, rank=rank, world=world)
                 record["val_loss"] = _finite(val_loss)
+            records.append(record)  # every rank keeps them (same numbers: all-reduced)
             if is_main:
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()  # in the OS cache: a killed process loses nothing
-                records.append(record)
                 if cfg.log_every and (step % cfg.log_every == 0 or last or "val_loss" in record):
                     say(format_log_line(record, dt))
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.3f}")
+                    bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
             if cfg.zero_stage != 3 and ((step + 1) % cfg.checkpoint_every == 0 or last):
                 _save(ckpt_path, cfg, step + 1, model, optimizer, scheduler, scaler, sampler,
                       is_main)
     if bar is not None:
         bar.close()
 
-    if not is_main:  # other ranks only know the steps they ran
-        records = [{"step": s, "loss": None} for s in range(start_step, cfg.steps)]
+    # (after --resume, rank 0 also holds the records of earlier steps; other ranks only theirs)
     vals = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
     warm = step_tps[min(3, len(step_tps) - 1):] if step_tps else []
     tps_all = warm or [r["tokens_per_s"] for r in records if r.get("tokens_per_s")]
     return RunResult(
-        final_loss=records[-1]["loss"] if is_main else loss, final_val_loss=vals[-1][1] if vals
-        else val_loss, tokens_per_s=statistics.median(tps_all) if tps_all else 0.0,
+        final_loss=records[-1]["loss"] if records else None,
+        final_val_loss=vals[-1][1] if vals else None,
+        tokens_per_s=statistics.median(tps_all) if tps_all else 0.0,
         metrics_path=str(metrics_path), checkpoint_path=str(ckpt_path),
         steps_run=cfg.steps - start_step, start_step=start_step,
         losses=[r["loss"] for r in records], val_losses=vals,
-        lrs=[r.get("lr") for r in records], skipped_steps=sum(bool(r.get("skipped")) for r in records),
+        lrs=[r["lr"] for r in records], skipped_steps=sum(r["skipped"] for r in records),
         peak_mem_bytes=peak_memory_bytes(device), wall_s=time.perf_counter() - t_start,
         world_size=world)
 
 
 def format_log_line(record, dt):
     """`step 120 | loss 2.3100 | lr 6.0e-04 | norm 0.91 | 412 ms | 9,950 tok/s` (+ val/skip)."""
-    norm = record["grad_norm"]
-    line = (f"step {record['step']} | loss {record['loss'] if record['loss'] is None else format(record['loss'], '.4f')}"
-            f" | lr {record['lr']:.1e} | norm {'inf/nan' if norm is None else format(norm, '.2f')}"
-            f" | {dt * 1000:.0f} ms | {record['tokens_per_s']:,.0f} tok/s")
+    def num(v, fmt):
+        return "inf/nan" if v is None else format(v, fmt)  # None = non-finite in the record
+
+    line = (f"step {record['step']} | loss {num(record['loss'], '.4f')} | lr {record['lr']:.1e}"
+            f" | norm {num(record['grad_norm'], '.2f')} | {dt * 1000:.0f} ms"
+            f" | {record['tokens_per_s']:,.0f} tok/s")
     if "val_loss" in record:
-        line += f" | val {record['val_loss']:.4f}"
+        line += f" | val {num(record['val_loss'], '.4f')}"
     if record["skipped"]:
         line += " | skipped (inf/nan gradient)"
     return line

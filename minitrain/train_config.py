@@ -116,22 +116,24 @@ def validate_config(cfg, world_size=1):
             raise ConfigError(name, f"must be an int >= 0, got {v!r}")
     for name, lo in (("max_lr", 0.0), ("min_lr", 0.0), ("weight_decay", 0.0)):
         v = getattr(cfg, name)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < lo \
-                or (name == "max_lr" and v == 0):
-            raise ConfigError(name, f"must be a finite number {'>' if name == 'max_lr' else '>='} 0,"
-                              f" got {v!r}")
+        bad_type = isinstance(v, bool) or not isinstance(v, (int, float))
+        if bad_type or not math.isfinite(v) or v < lo or (name == "max_lr" and v == 0):
+            relation = ">" if name == "max_lr" else ">="
+            raise ConfigError(name, f"must be a finite number {relation} 0, got {v!r}")
     if cfg.min_lr > cfg.max_lr:
         raise ConfigError("min_lr", f"must be <= max_lr ({cfg.max_lr}), got {cfg.min_lr}")
     if cfg.warmup_steps > cfg.steps:
         raise ConfigError("warmup_steps", f"must be <= steps ({cfg.steps}), got {cfg.warmup_steps}")
     if cfg.clip_norm is not None and (isinstance(cfg.clip_norm, bool) or not isinstance(
             cfg.clip_norm, (int, float)) or not cfg.clip_norm > 0 or math.isinf(cfg.clip_norm)):
-        raise ConfigError("clip_norm", f"must be a finite number > 0 or None (off), got {cfg.clip_norm!r}")
+        raise ConfigError("clip_norm",
+                          f"must be a finite number > 0 or None (off), got {cfg.clip_norm!r}")
     if cfg.n_embd % cfg.n_head:
         raise ConfigError("n_head", f"must divide n_embd ({cfg.n_embd}), got {cfg.n_head}")
     for name, allowed in CHOICES.items():
         if getattr(cfg, name) not in allowed:
-            raise ConfigError(name, f"must be one of {', '.join(map(str, allowed))}; got {getattr(cfg, name)!r}")
+            raise ConfigError(name, f"must be one of {', '.join(map(str, allowed))}; "
+                              f"got {getattr(cfg, name)!r}")
     for name in ("native_layers", "compile", "fused_adamw", "activation_checkpointing", "resume",
                  "progress"):
         if not isinstance(getattr(cfg, name), bool):
@@ -149,8 +151,9 @@ def validate_config(cfg, world_size=1):
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device", "cuda was asked for but torch.cuda.is_available() is False")
     if cfg.zero_stage > 0 and world_size == 1:
-        raise ConfigError("zero_stage", "ZeRO shards state across processes: launch with torchrun "
-                          "--nproc_per_node 2 -m minitrain.train ... (plain python runs ONE process)")
+        raise ConfigError("zero_stage", "ZeRO shards state across processes: launch with "
+                          "torchrun --nproc_per_node 2 -m minitrain.train ... "
+                          "(plain python runs ONE process)")
     if cfg.precision == "fp16" and cfg.zero_stage >= 2:
         raise ConfigError("precision", "fp16 with zero_stage 2/3 is not supported: each rank "
                           "checks only its gradient shard for inf/nan, so ranks could disagree on "

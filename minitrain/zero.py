@@ -71,6 +71,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 local_groups.append({**self._hyper(group), "params": mine})
                 self._group_index.append(gi)
         self.local_optimizer = optimizer_cls(local_groups, **defaults) if local_groups else None
+        self._reduced = False  # stage 2: gradients already reduced this step (by clipping)
 
     @staticmethod
     def _hyper(group):
@@ -100,13 +101,27 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 p.grad = None  # the point of stage 2: non-owners keep no gradient
 
     @torch.no_grad()
+    def clip_grad_norm_(self, max_norm, norm_type=2.0):
+        """Clip by the norm of the AVERAGED gradient (call after backward, before step).
+        Stage 2 first reduces the gradients to their owners (step() then skips it) and sums the
+        owners' partial norms over ranks; stage 1 gradients are already identical everywhere."""
+        if self.stage == 2 and not self._reduced:
+            self._reduce_gradients_to_owners()
+            self._reduced = True
+        mine = [p.grad for p, o in zip(self._params, self.owners) if p.grad is not None
+                and (self.stage == 1 or o == self.rank)]
+        return clip_sharded_grad_norm_(mine, max_norm, norm_type,
+                                       sharded=(self.stage == 2), as_grads=True)
+
+    @torch.no_grad()
     def step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self.stage == 2:
+        if self.stage == 2 and not self._reduced:
             self._reduce_gradients_to_owners()
+        self._reduced = False
         self._sync_hyperparameters()
         if self.local_optimizer is not None:
             self.local_optimizer.step()  # only the parameters this rank owns
@@ -158,6 +173,31 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.local_optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
+@torch.no_grad()
+def clip_sharded_grad_norm_(parameters, max_norm, norm_type=2.0, *, sharded=True,
+                            as_grads=False):
+    """clip_grad_norm_ when each rank holds a DIFFERENT part of the gradient (ZeRO-2 owners,
+    ZeRO-3 shards): sum |g|^p over ranks (max for inf) before the root, then scale in place by
+    min(1, max_norm / (norm + 1e-6)) like torch.nn.utils.clip_grad_norm_. Returns the norm."""
+    grads = list(parameters) if as_grads else [p.grad for p in parameters if p.grad is not None]
+    norm_type = float(norm_type)
+    if norm_type == float("inf"):
+        local = max((g.abs().max() for g in grads), default=torch.tensor(0.0)).float().reshape(1)
+        if sharded:
+            dist.all_reduce(local, op=dist.ReduceOp.MAX)
+        total = local[0]
+    else:
+        local = sum((g.float().abs().pow(norm_type).sum() for g in grads),
+                    torch.tensor(0.0)).reshape(1)
+        if sharded:
+            dist.all_reduce(local)
+        total = local[0].pow(1.0 / norm_type)
+    scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for g in grads:
+        g.mul_(scale.to(g.dtype))
+    return total
+
+
 _TENSOR = object()  # marks a tensor slot when (args, kwargs) or outputs are flattened
 
 
@@ -179,7 +219,8 @@ class _GatherRunFree(torch.autograd.Function):
         shard, *inputs = ctx.saved_tensors
         unit = ctx.unit
         full = unit.gather(shard).requires_grad_(True)  # (N*k,)
-        inputs = [x.detach().requires_grad_(need) for x, need in zip(inputs, ctx.needs_input_grad[3:])]
+        needs = ctx.needs_input_grad[3:]
+        inputs = [x.detach().requires_grad_(need) for x, need in zip(inputs, needs)]
         with torch.enable_grad(), torch.random.fork_rng(devices=[]):
             torch.set_rng_state(ctx.rng)  # same dropout masks as the forward
             outs = unit.run(full, inputs, ctx.call)
@@ -307,40 +348,3 @@ def memory_report(model, optimizer, *, stage, num_params):
     return {"predicted": predicted_bytes(num_params, world, stage),
             "measured": measured_bytes(model, optimizer)}
 
-
-def train_with_stage(rank, world, stage, *, n_layer=2, n_embd=32, steps=2, seed=0, batch=2,
-                     seq_len=32, lr=1e-3):
-    """Train the tiny GPT `steps` AdamW steps with ZeRO `stage` (0 = DDP + AdamW) on this rank's
-    slice of a seeded batch; return this rank's memory report and the last loss (all-reduced).
-    Run it under `minitrain.distributed_utils.launch`. Lessons, animation and bench share it."""
-    from minitrain.ddp import DDP
-    from minitrain.model import GPT, GPTConfig
-
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(vocab_size=256, block_size=seq_len, n_layer=n_layer, n_head=2,
-                          n_embd=n_embd))
-    num_params = sum(p.numel() for p in model.parameters())
-    sync = None
-    if stage in (0, 1):
-        model = DDP(model)
-        sync = model.finish_gradient_synchronization
-    if stage == 3:
-        shard_model(model)
-    inner = model.module if stage in (0, 1) else model
-    opt = (ZeroOptimizer(inner.parameters(), torch.optim.AdamW, stage=stage, lr=lr)
-           if stage in (1, 2) else torch.optim.AdamW(inner.parameters(), lr=lr))
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        idx = torch.randint(0, 256, (world * batch, seq_len + 1), generator=gen)
-        mine = idx[rank * batch:(rank + 1) * batch]  # (batch, seq_len + 1)
-        opt.zero_grad()
-        loss = model(mine[:, :-1], mine[:, 1:])[1]
-        loss.backward()
-        if sync is not None:
-            sync()
-        opt.step()
-    loss = loss.detach().clone()
-    dist.all_reduce(loss)
-    return {"stage": stage, "rank": rank, "loss": loss.item() / world,
-            **memory_report(inner, opt, stage=stage, num_params=num_params),
-            "num_params": num_params}

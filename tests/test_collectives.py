@@ -6,7 +6,6 @@ so the cost of starting processes is paid once per list, not once per case.
 import hypothesis.strategies as st
 import pytest
 import torch
-import torch.distributed as dist
 from hypothesis import given, settings
 from torch.distributed import all_gather_into_tensor as torch_all_gather_into_tensor
 from torch.distributed import all_reduce as torch_all_reduce

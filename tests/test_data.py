@@ -117,7 +117,7 @@ def test_batch_errors(tmp_path):
 
 
 def test_load_errors(tmp_path):
-    """A missing file, a file that is not a whole number of uint16 tokens, a bad mode: ValueError."""
+    """A missing file, a file not a whole number of uint16 tokens, a bad mode: ValueError."""
     with pytest.raises(ValueError, match="does not exist"):
         load_tokens(tmp_path / "missing.bin")
     odd = tmp_path / "odd.bin"

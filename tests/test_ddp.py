@@ -98,7 +98,21 @@ def _ddp_cases(rank, world, cases, seed):
         out.append(((mode, cap_mb, overlap), _max_diff(ours.module, torch_model.module),
                     _max_diff(ours.module, single), frozen_same, len(ours._buckets),
                     ours.module.scale.item()))
-    return out
+    twice = []  # two synchronised backwards without finish_...(): a loud error, not a race
+    for mode in ("bucketed", "overlap"):
+        ours = DDP(copy.deepcopy(base), mode=mode)
+        x, y = _data(0, 0, world, seed)
+        F.mse_loss(ours(x), y).backward()
+        try:
+            F.mse_loss(ours(x), y).backward()
+            twice.append("no error")
+        except RuntimeError as e:
+            twice.append(str(e))
+        for p in ours.module.parameters():  # restore a consistent state, then drain the group
+            p.grad = None
+        ours._pending, ours._launched = [], set()
+        ours.finish_gradient_synchronization()
+    return out, twice
 
 
 CASES = [("bucketed", 1e-9, True), ("bucketed", 0.0003, True), ("bucketed", 25.0, True),
@@ -108,12 +122,13 @@ CASES = [("bucketed", 1e-9, True), ("bucketed", 0.0003, True), ("bucketed", 25.0
 
 def _check(results, world):
     n_trainable = 7  # embed w+b, hidden w+b, mix (tied, counted once), out w+b
-    for rank, records in enumerate(results):
+    for rank, (records, twice) in enumerate(results):
+        assert all("no_sync" in msg for msg in twice), twice
         for case, vs_torch, vs_single, frozen_same, n_buckets, scale in records:
             assert vs_torch < TOL, f"rank {rank} {case}: differs from torch DDP by {vs_torch}"
             assert vs_single < TOL, f"rank {rank} {case}: differs from one process by {vs_single}"
             assert frozen_same, f"rank {rank} {case}: frozen parameter not rank 0's"
-            assert scale == results[0][0][5], "buffer not broadcast from rank 0"
+            assert scale == results[0][0][0][5], "buffer not broadcast from rank 0"
             if case[0] == "bucketed" and case[1] < 1e-6:
                 assert n_buckets == n_trainable, "a tiny cap must give one bucket per parameter"
             if case[0] == "bucketed" and case[1] == 25.0:
@@ -127,7 +142,8 @@ def test_ddp_trains_like_torch_ddp_and_like_one_process(world):
     """In every mode (naive / overlap / bucketed; hooks on and off) and bucket size (one param per
     bucket .. one bucket), 3 SGD-momentum steps with 2-micro-batch no_sync accumulation from
     different per-rank initial weights give the parameters of torch DDP and of one process
-    training on the whole batch; frozen weights and the buffer equal rank 0's."""
+    training on the whole batch; frozen weights and the buffer equal rank 0's; a second
+    synchronised backward before finish_gradient_synchronization() raises, naming no_sync."""
     _check(launch(_ddp_cases, world, CASES, 0, timeout_s=90), world)
 
 
@@ -158,3 +174,14 @@ def test_ddp_on_tiny_gpt_with_tied_embedding_equals_torch_ddp(cap_mb, seed):
     same parameters as torch DDP on 2 ranks, for a generated bucket cap and seed."""
     diffs = launch(_gpt_case, 2, cap_mb, seed, timeout_s=90)
     assert max(diffs) < 1e-5, diffs
+
+
+def test_ddp_rejects_bad_arguments_with_a_named_fix():
+    """A non-positive bucket cap, an unknown mode, or no process group give a ValueError that
+    names the argument (or the launcher) to fix."""
+    with pytest.raises(ValueError, match="bucket_cap_mb"):
+        DDP(nn.Linear(2, 2), bucket_cap_mb=0)
+    with pytest.raises(ValueError, match="mode"):
+        DDP(nn.Linear(2, 2), mode="ring")
+    with pytest.raises(ValueError, match="torchrun"):
+        DDP(nn.Linear(2, 2))

@@ -225,3 +225,10 @@ def test_gpt_train_fn_smoke(tmp_path):
         train_fn({"learning_rate": 1e-3}, 2)
     loss = train_fn({"max_lr": 1e-3, "batch_size": 2, "seq_len": 16, "n_layer": 1}, 3)
     assert math.isfinite(loss) and 3.0 < loss < 7.0
+
+
+def test_duplicate_configs_are_tried_once():
+    """A value repeated on an axis does not cost a second trial, nor a second row in the summary."""
+    fn = Counter(bowl)
+    result = hparam.search({"lr": [1e-3, 1e-2, 1e-3]}, fn, budget=1, progress=False)
+    assert fn.calls == 2 and len(result.summary) == 2 and len(result.trials) == 2

@@ -15,13 +15,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from hypothesis import given, settings
 from torch.distributed.optim import ZeroRedundancyOptimizer as TorchZeroRedundancyOptimizer
+from torch.nn.utils import clip_grad_norm_ as torch_clip_grad_norm_
 
 from minitrain.distributed_utils import launch
-from minitrain.zero import (ZeroOptimizer, measured_bytes, partition_parameters,
-                            predicted_bytes, shard_model)
+from minitrain.zero import (ZeroOptimizer, clip_sharded_grad_norm_, measured_bytes,
+                            partition_parameters, predicted_bytes, shard_model)
 
 pytestmark = [pytest.mark.distributed, pytest.mark.lesson14]
-STEPS, LOCAL_B, TOL = 3, 4, 1e-5
+STEPS, LOCAL_B, TOL, CLIP = 3, 4, 1e-5, 0.05
 
 
 class Net(nn.Module):
@@ -51,7 +52,8 @@ def _batch(step, rank, world, seed, local=True):
         if local else (x, y)
 
 
-def _train(model, opt, rank, world, seed, *, local, average):
+def _train(model, opt, rank, world, seed, *, local, average, clip=None):
+    norms = []
     for step in range(STEPS):
         opt.zero_grad()
         x, y = _batch(step, rank, world, seed, local=local)
@@ -61,7 +63,12 @@ def _train(model, opt, rank, world, seed, *, local, average):
                 if p.grad is not None:
                     dist.all_reduce(p.grad)
                     p.grad.div_(world)
+        if clip == "zero":
+            norms.append(opt.clip_grad_norm_(CLIP).item())
+        elif clip == "torch":
+            norms.append(torch_clip_grad_norm_(model.parameters(), CLIP).item())
         opt.step()
+    return norms
 
 
 def _diff(a, b):
@@ -97,6 +104,13 @@ def _optimizer_cases(rank, world, seed, lr, wd):
         sgd_single = copy.deepcopy(base)
         _train(sgd_single, torch.optim.SGD(sgd_single.parameters(), lr=lr * 10, momentum=0.9),
                rank, world, seed, local=False, average=False)
+        clipped, clipped_single = copy.deepcopy(base), copy.deepcopy(base)
+        norms = _train(clipped, ZeroOptimizer(clipped.parameters(), torch.optim.SGD, stage=stage,
+                                              lr=lr * 10), rank, world, seed, local=True,
+                       average=(stage == 1), clip="zero")
+        norms_single = _train(clipped_single, torch.optim.SGD(clipped_single.parameters(),
+                                                              lr=lr * 10), rank, world, seed,
+                              local=False, average=False, clip="torch")
         sd = opt.state_dict()  # a collective: every rank calls it
         ref_opt = torch.optim.AdamW(_groups(copy.deepcopy(base), lr), **kw)
         ref_opt.load_state_dict(sd)  # the unsharded format loads into plain AdamW
@@ -107,6 +121,8 @@ def _optimizer_cases(rank, world, seed, lr, wd):
             "vs_single": _diff(ours, single),
             "vs_torch_zero": _diff(flat, theirs),
             "sgd_vs_single": _diff(sgd, sgd_single),
+            "clip_vs_single": _diff(clipped, clipped_single),
+            "norms": (norms, norms_single),
             "unused_untouched": torch.equal(ours.unused, base.unused),
             "grads_kept": sum(p.grad is not None for p in ours.parameters()),
             "state_entries": len(sd["state"]),
@@ -121,7 +137,8 @@ def _optimizer_cases(rank, world, seed, lr, wd):
 @pytest.mark.parametrize("world", [2, 3])
 def test_zero_stage1_and_stage2_equal_adamw_and_torch_zero(world):
     """Stage 1 (grads averaged first) and stage 2 (grads reduced to owners) give, after 3 AdamW
-    steps with two param groups (and 3 SGD-momentum steps), the parameters of plain AdamW (SGD) on the whole batch and of torch's
+    steps with two param groups (and 3 SGD-momentum steps, also with clip_grad_norm_), the
+    parameters of plain AdamW (SGD, torch's clip_grad_norm_ with the same norms) on the whole batch and of torch's
     ZeroRedundancyOptimizer; a parameter without .grad is left untouched; stage 2 keeps only owned
     gradients; the gathered state dict loads into AdamW and back; state bytes add up."""
     results = launch(_optimizer_cases, world, 7, 1e-2, 0.1, timeout_s=90)
@@ -134,6 +151,9 @@ def test_zero_stage1_and_stage2_equal_adamw_and_torch_zero(world):
             assert r["vs_single"] < TOL, (rank, stage, r)
             assert r["vs_torch_zero"] < TOL, (rank, stage, r)
             assert r["sgd_vs_single"] < TOL, (rank, stage, r)
+            assert r["clip_vs_single"] < TOL, (rank, stage, r)
+            assert max(abs(a - b) for a, b in zip(*r["norms"])) < 1e-5, r["norms"]
+            assert max(r["norms"][1]) > CLIP  # the clip really acted
             assert r["unused_untouched"] and r["reloaded_state_equal"], (rank, stage, r)
             assert r["state_entries"] == 6  # every param with a gradient, none for `unused`
         assert out[2]["grads_kept"] < 6  # stage 2 freed the gradients this rank does not own
@@ -166,12 +186,14 @@ def _gpt_cases(rank, world, seed):
     idx = torch.randint(0, 64, (world * 2, 16), generator=gen)
     opt_single = torch.optim.AdamW(single.parameters(), lr=1e-2)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    losses = []
+    losses, norms = [], []
     for _ in range(2):
         for m, o, batch in ((single, opt_single, idx), (model, opt, idx[rank * 2:rank * 2 + 2])):
             o.zero_grad()
             loss = m(batch[:, :-1], batch[:, 1:])[1]
             loss.backward()
+            norms.append((clip_sharded_grad_norm_(m.parameters(), 1e9) if m is model
+                          else torch_clip_grad_norm_(m.parameters(), 1e9)).item())
             o.step()
             losses.append(loss.item())
     with torch.no_grad():
@@ -182,7 +204,7 @@ def _gpt_cases(rank, world, seed):
     for p in plain.parameters():
         p.grad = torch.zeros_like(p)
     zero1.step()
-    return {"logits_diff": logits_diff, "n_params": n_params,
+    return {"logits_diff": logits_diff, "n_params": n_params, "norms": norms,
             "sharded": measured_bytes(model, opt),
             "zero1_state": measured_bytes(plain, zero1)["optimizer_state"],
             "predicted1": predicted_bytes(n_params, world, 1)["optimizer_state"]}
@@ -191,12 +213,15 @@ def _gpt_cases(rank, world, seed):
 @pytest.mark.parametrize("world", [2, 3])
 def test_shard_model_trains_like_unsharded_and_shards_memory(world):
     """shard_model (ZeRO-3) on the tiny GPT, 2 AdamW steps on each rank's slice, computes the
-    logits of the unsharded model trained on the whole batch; each rank stores about 1/N of the
+    logits and gradient norm (clip_sharded_grad_norm_) of the unsharded model trained on the
+    whole batch; each rank stores about 1/N of the
     parameters, gradients and AdamW state; ZeRO-1 state per rank is within 10% of total/N."""
     results = launch(_gpt_cases, world, 3, timeout_s=90)
     n = results[0]["n_params"]
     for rank, r in enumerate(results):
         assert r["logits_diff"] < 1e-5, (rank, r)
+        single_norms, sharded_norms = r["norms"][0::2], r["norms"][1::2]
+        assert all(abs(a - b) < 1e-5 * a for a, b in zip(single_norms, sharded_norms)), r["norms"]
         for key in ("params", "grads"):  # padding adds < one element per rank per block
             assert abs(r["sharded"][key] - 4 * n / world) <= 4 * 8 * world, (rank, key, r)
         assert abs(r["sharded"]["optimizer_state"] - 8 * n / world) <= 8 * 8 * world, (rank, r)
@@ -210,3 +235,9 @@ def test_partition_is_sorted_greedy():
     assert partition_parameters([5, 5, 5], 3) == [0, 1, 2]
     with pytest.raises(ValueError, match="stage"):
         predicted_bytes(10, 2, 4)
+
+
+def test_zero_rejects_bad_stage():
+    """stage must be 1 or 2 for ZeroOptimizer (stage 3 is shard_model); the error says so."""
+    with pytest.raises(ValueError, match="shard_model"):
+        ZeroOptimizer([nn.Parameter(torch.zeros(2))], torch.optim.AdamW, stage=3)

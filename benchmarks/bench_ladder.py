@@ -1,0 +1,201 @@
+"""Benchmark the speed ladder: every rung of minitrain.ladder, each in a fresh process.
+Writes outputs/bench/ladder.md and ladder.json (with machine metadata).
+
+What: for each rung (rung 0 baseline ... rung 8 larger batch, side rungs 4b and 5b) train
+`--steps` steps of the same small GPT on the same pretokenized data with `minitrain.train`, in its
+own subprocess (so its peak memory is its own), and report tokens/s (median of the per-step
+values after `--warmup` steps: warm-up and compile steps excluded), the first step's time (shows
+what compile costs), peak memory, the loss after the same number of steps, and the speedup vs
+rung 0 and vs the rung it builds on, computed from those measured numbers.
+
+Validate, then benchmark: the table prints a rung's speed only if its step-0 loss equals rung 0's
+(same seed, init and first batch; tolerance per rung, see minitrain.ladder.validate); the script
+exits non-zero if any rung fails validation or crashes.
+
+Threads: one by default. On a 2-core machine shared with other work, a 2-thread OpenMP region
+stalls whenever the other core is busy and the numbers turn into noise; the ratios between rungs
+are what this table is for. `--threads 2` measures the machine's full width.
+
+On a machine with CUDA the GPU ladder (minitrain.ladder.GPU_RUNGS: TF32, SDPA, bf16, fused AdamW,
+torch.compile, larger batch) runs as well, on a GPT-2-small-like model (12 layers, 12 heads,
+768 wide, T=1024; the byte vocabulary, 256, is already a multiple of 64, so it needs no padding),
+and the table adds MFU = achieved FLOP/s / the GPU's dense bf16 peak, with the nanoGPT estimate
+FLOPs/token = 6 N + 12 L C T. NOTE: this GPU path was written on a machine without a GPU and has
+never been run; treat its first run as a test of it.
+
+Run: python benchmarks/bench_ladder.py [--rungs 0 4 7] [--steps 12] [--threads 1]
+"""
+import argparse
+import json
+import os
+import pathlib
+import sys
+import tempfile
+import time
+
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from minitrain import ladder  # noqa: E402
+from minitrain.bench import machine_metadata  # noqa: E402
+
+OUT_DIR = ROOT / "outputs" / "bench"
+TARGET = 5.0  # best rung >= 5x rung 0 (issue 4)
+CPU_MODEL = dict(batch_size=8, seq_len=256, n_layer=2, n_head=4, n_embd=128)
+GPU_MODEL = dict(batch_size=16, seq_len=1024, n_layer=12, n_head=12, n_embd=768, steps=30)
+GPU_WARMUP = 10
+# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, matched by device name.
+PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
+             "A10": 125e12, "V100": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
+
+
+def flops_per_token(cfg):
+    """nanoGPT's estimate: 6 N (matmuls fwd+bwd) + 12 L C T (attention scores and values)."""
+    L, C, T = cfg["n_layer"], cfg["n_embd"], cfg["seq_len"]
+    n_params = 12 * L * C * C + 13 * L * C + 256 * C + 2 * C  # blocks + tied embedding + ln_f
+    return 6 * n_params + 12 * L * C * T
+
+
+def peak_flops(gpu_name):
+    for key, value in PEAK_BF16.items():
+        if gpu_name and key in gpu_name:
+            return value
+    return None
+
+
+def run_ladder(keys, base, *, warmup, threads, workdir, timeout_s):
+    results, failures = [], {}
+    for key in keys:
+        t0 = time.perf_counter()
+        try:
+            r = ladder.run_rung(key, base, out_dir=pathlib.Path(workdir) / f"rung_{key}",
+                                warmup=warmup, timeout_s=timeout_s, threads=threads)
+            results.append(r)
+            print(f"rung {key:>3} ({ladder.get_rung(key).name}): trained in "
+                  f"{time.perf_counter() - t0:.1f} s", flush=True)
+        except Exception as exc:  # noqa: BLE001 - a crashed rung is reported, the rest go on
+            failures[key] = str(exc)[-1500:]
+            print(f"rung {key:>3} FAILED: {str(exc)[-400:]}", flush=True)
+    return results, failures
+
+
+def section(title, keys, base, results, failures, *, warmup, gpu_name=None):
+    """Validate, build the table, add MFU on GPU; returns (markdown, json dict, all_ok)."""
+    valid = ladder.validate(results, reference_key=keys[0]) if results and \
+        any(r["key"] == keys[0] for r in results) else {}
+    rows = ladder.ladder_table(results, reference_key=keys[0]) if valid else []
+    for row in rows:
+        row["valid"], row["validation"] = valid[row["key"]]
+        if gpu_name is not None:
+            peak = peak_flops(gpu_name)
+            cfg = row["config"]
+            achieved = row["tokens_per_s"] * flops_per_token(cfg)
+            row["mfu"] = achieved / peak if peak else None
+            row["note"] = (f"MFU {row['mfu']:.1%}; " if row["mfu"] is not None else
+                           "MFU: unknown peak; ") + row["note"]
+    lines = [f"## {title}", "", ladder.format_table(rows, valid=valid) if rows else
+             "No result: the reference rung did not run.", ""]
+    ok = bool(rows) and all(v[0] for v in valid.values()) and not failures
+    best = ladder.best_rung(rows, valid=valid) if rows and any(v[0] for v in valid.values()) \
+        else None
+    if best is not None:
+        met = best["speedup"] >= TARGET
+        lines.append(f"Best rung: **{best['key']} ({best['name']}) = {best['speedup']:.2f}x** "
+                     f"rung {keys[0]}'s tokens/s. Target >= {TARGET:.0f}x: "
+                     f"**{'met' if met else 'NOT met'}**.")
+    slower = [r for r in rows if r.get("vs_parent") and r["vs_parent"] < 1 and r["valid"]]
+    for r in slower:
+        lines.append(f"- Rung {r['key']} ({r['name']}) is SLOWER than the rung it builds on "
+                     f"({r['vs_parent']:.2f}x) on this machine: {r['note']}.")
+    for key, err in failures.items():
+        lines.append(f"- Rung {key} FAILED to run: `{err.strip().splitlines()[-1][:200]}`")
+    for r in rows:
+        if not r["valid"]:
+            lines.append(f"- Rung {r['key']} failed validation ({r['validation']}): no speed.")
+    lines.append("")
+    data = {"base": base, "warmup_steps_excluded": warmup, "rows": rows, "failures": failures,
+            "best": best and {"key": best["key"], "speedup": best["speedup"]},
+            "target": TARGET, "target_met": bool(best and best["speedup"] >= TARGET)}
+    return "\n".join(lines), data, ok
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rungs", nargs="*", default=list(ladder.RUNG_KEYS),
+                        help="CPU rungs to run (rung 0 is always included)")
+    parser.add_argument("--steps", type=int, default=12, help="training steps per rung")
+    parser.add_argument("--warmup", type=int, default=4,
+                        help="first steps excluded from tokens/s (compile happens in step 0)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per rung")
+    parser.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None,
+                        help="also run the GPU ladder (default: when CUDA is available)")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per rung")
+    args = parser.parse_args(argv)
+    if args.steps <= args.warmup:
+        parser.error(f"--steps ({args.steps}) must be larger than --warmup ({args.warmup})")
+    if args.threads < 1:
+        parser.error("--threads must be >= 1")
+    for key in args.rungs:
+        if key not in ladder.RUNG_KEYS:
+            parser.error(f"--rungs: {key!r} is not one of {' '.join(ladder.RUNG_KEYS)}")
+    keys = ["0"] + [k for k in ladder.RUNG_KEYS if k in args.rungs and k != "0"]
+    use_gpu = torch.cuda.is_available() if args.gpu is None else args.gpu
+    if use_gpu and not torch.cuda.is_available():
+        parser.error("--gpu: CUDA is not available on this machine")
+
+    torch.set_num_threads(args.threads)  # so machine_metadata records what the rungs used
+    meta = machine_metadata(dtype="fp32 master weights; per-rung autocast dtype in the table")
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=ROOT / "outputs") as tmp:
+        data = ladder.prepare_data(pathlib.Path(tmp) / "tokens.bin")
+        base = ladder.default_base(**CPU_MODEL, steps=args.steps, data=data)
+        results, failures = run_ladder(keys, base, warmup=args.warmup, threads=args.threads,
+                                       workdir=tmp, timeout_s=args.timeout)
+        cpu_md, cpu_json, ok = section(
+            f"CPU ladder ({args.threads} thread{'s' if args.threads > 1 else ''})", keys,
+            {k: v for k, v in base.items() if k != "data"}, results, failures,
+            warmup=args.warmup)
+        report = {"machine": meta, "cpu": cpu_json}
+        md = [cpu_md]
+        if use_gpu:
+            gpu_keys = [r.key for r in ladder.GPU_RUNGS]
+            gbase = ladder.default_base(**GPU_MODEL, data=data, warmup_steps=5)
+            gres, gfail = run_ladder(gpu_keys, gbase, warmup=GPU_WARMUP, threads=None,
+                                     workdir=tmp, timeout_s=args.timeout)
+            gpu_md, gpu_json, gok = section(
+                f"GPU ladder ({torch.cuda.get_device_name(0)})", gpu_keys,
+                {k: v for k, v in gbase.items() if k != "data"}, gres, gfail,
+                warmup=GPU_WARMUP, gpu_name=torch.cuda.get_device_name(0))
+            md.append(gpu_md)
+            report["gpu"] = gpu_json
+            ok = ok and gok
+    cfg = cpu_json["base"]
+    header = [
+        "# The speed ladder", "",
+        f"Made by `python benchmarks/bench_ladder.py` on {meta['cpu']} ({meta['cpu_count']} "
+        f"cores), torch {meta['torch']}, GPU: {meta['gpu'] or 'none'}; "
+        f"{time.perf_counter() - t_start:.0f} s in all.", "",
+        f"Model: {cfg['n_layer']} layers, {cfg['n_head']} heads, width {cfg['n_embd']}, "
+        f"B={cfg['batch_size']}, T={cfg['seq_len']}, {cfg['steps']} steps per rung, each rung in "
+        "a fresh process. tokens/s = median of the per-step values after "
+        f"{args.warmup} warm-up steps (compile happens in step 0 and is excluded; 'first step s' "
+        "shows it). Peak memory = the process's peak RSS (CPU) or torch.cuda.max_memory_allocated "
+        "(GPU). Speedups are ratios of the measured tokens/s in this run. Every speed was printed "
+        "only after the rung's step-0 loss matched rung 0's. Shared machine: numbers are noisy.",
+        ""]
+    text = "\n".join(header + md)
+    report["elapsed_s"] = time.perf_counter() - t_start
+    for name, content in (("ladder.md", text), ("ladder.json",
+                                                json.dumps(report, indent=2) + "\n")):
+        tmp_path = OUT_DIR / (name + ".partial")
+        tmp_path.write_text(content)
+        os.replace(tmp_path, OUT_DIR / name)
+    print(text)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
