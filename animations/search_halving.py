@@ -152,7 +152,8 @@ def main():
             bar.set_alpha(alpha)
             label.set_text(text)
             label.set_y(level)
-        status.set_text(f"round {r + 1}/{len(rounds)}: {len(rnd['loss'])} configs x "
+        count = len(rnd["loss"])
+        status.set_text(f"round {r + 1}/{len(rounds)}: {count} config{'s' * (count > 1)} x "
                         f"{rnd['budget']} steps" + (" — eliminate the worst" if phase == "cut" else "")
                         + (" — winner" if phase == "hold" else ""))
         before = spent[r - 1] if r else 0

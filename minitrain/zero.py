@@ -82,8 +82,15 @@ class ZeroOptimizer(torch.optim.Optimizer):
             for local, gi in zip(self.local_optimizer.param_groups, self._group_index):
                 local.update(self._hyper(self.param_groups[gi]))
 
+    def reduce_gradients(self):
+        """Stage 2: reduce now (e.g. to measure or clip the averaged gradient); step() then
+        does not reduce again. Idempotent until the next step()."""
+        if self.stage == 2 and not self._reduced:
+            self._reduce_gradients_to_owners()
+
     def _reduce_gradients_to_owners(self):
         """Stage 2: sum each gradient at its owner only, average there, free it elsewhere."""
+        self._reduced = True
         has_grad = torch.tensor([p.grad is not None for p in self._params], dtype=torch.int32)
         dist.all_reduce(has_grad)  # a param with no grad on ANY rank is skipped, like AdamW does
         works = []
@@ -100,14 +107,16 @@ class ZeroOptimizer(torch.optim.Optimizer):
             else:
                 p.grad = None  # the point of stage 2: non-owners keep no gradient
 
+    def zero_grad(self, set_to_none=True):
+        super().zero_grad(set_to_none=set_to_none)
+        self._reduced = False  # new gradients (also after a step the GradScaler skipped)
+
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm, norm_type=2.0):
         """Clip by the norm of the AVERAGED gradient (call after backward, before step).
         Stage 2 first reduces the gradients to their owners (step() then skips it) and sums the
         owners' partial norms over ranks; stage 1 gradients are already identical everywhere."""
-        if self.stage == 2 and not self._reduced:
-            self._reduce_gradients_to_owners()
-            self._reduced = True
+        self.reduce_gradients()
         mine = [p.grad for p, o in zip(self._params, self.owners) if p.grad is not None
                 and (self.stage == 1 or o == self.rank)]
         return clip_sharded_grad_norm_(mine, max_norm, norm_type,
@@ -119,8 +128,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self.stage == 2 and not self._reduced:
-            self._reduce_gradients_to_owners()
+        self.reduce_gradients()
         self._reduced = False
         self._sync_hyperparameters()
         if self.local_optimizer is not None:
