@@ -3,7 +3,9 @@
 Top: fp16's number line in powers of two — below 2^-24 every value rounds to 0 (the dead zone),
 2^-24..2^-14 are subnormals with few mantissa bits, above 65504 everything is inf. The muted
 histogram is the tiny GPT's real parameter gradients at this step (unscaled); the navy one is the
-same gradients times the current loss scale: scaling slides them out of the dead zone.
+same gradients times the current loss scale: scaling slides them out of the dead zone. (The
+overflow that triggers a skip usually happens in fp16 activation gradients inside the backward,
+which are not drawn; the scaler sees it as inf/nan in the parameter gradients.)
 Bottom: the scale of a real `minitrain.grad_scaler.GradScaler` during fp16 autocast training on
 CPU (init 2^24, growth_interval 10): an overflow (red) skips the step and halves the scale; ten
 clean steps double it — the saw-tooth that keeps the scale just below overflow.
@@ -84,8 +86,11 @@ def main():
     ghost = ax_line.stairs(hists[0], EDGES, color=deck.MUTED, fill=True, alpha=0.6,
                            label="gradients, unscaled")
     scaled = ax_line.stairs(hists[0], EDGES + log_s[0], color=deck.NAVY, fill=True, alpha=0.7,
-                            label="gradients x scale (what fp16 holds)")
+                            label="gradients x scale (as the scaled backward makes them)")
     ax_line.legend(loc="upper left", fontsize=12, bbox_to_anchor=(0.0, 0.85))
+    ax_line.text(0.99, 0.40, "an overflow can happen anywhere in the fp16 backward\n"
+                 "(often activation gradients, not drawn): inf/nan in any .grad skips the step",
+                 transform=ax_line.transAxes, ha="right", fontsize=11, color=deck.TEXT)
     status = ax_line.text(0.99, 0.62, "", transform=ax_line.transAxes, ha="right",
                           fontsize=16, color=deck.NAVY, fontweight="bold")
 

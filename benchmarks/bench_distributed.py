@@ -60,7 +60,7 @@ def _collective_worker(rank, world, sizes_mb, warmup, iters):
 def bench_collectives():
     rows = []
     for world in WORLDS:
-        ranks = launch(_collective_worker, world, SIZES_MB, 1, 5, timeout_s=240, preload=())
+        ranks = launch(_collective_worker, world, SIZES_MB, 2, 9, timeout_s=240, preload=())
         for i, mb in enumerate(SIZES_MB):
             recs = [r[i] for r in ranks]
             err = max(r["max_err"] for r in recs)

@@ -184,7 +184,10 @@ def main(argv=None):
         f"{args.warmup} warm-up steps (compile happens in step 0 and is excluded; 'first step s' "
         "shows it). Peak memory = the process's peak RSS (CPU) or torch.cuda.max_memory_allocated "
         "(GPU). Speedups are ratios of the measured tokens/s in this run. Every speed was printed "
-        "only after the rung's step-0 loss matched rung 0's. Shared machine: numbers are noisy.",
+        "only after the rung's step-0 loss matched rung 0's. 'best step' is the fastest timed step "
+        "and 'load avg' the machine's 1-minute load when the rung finished: rungs run one after "
+        "another, so a rung that ran while other work loaded the machine looks slower than it "
+        "is; compare the best-step column before trusting a surprising ratio.",
         ""]
     text = "\n".join(header + md)
     report["elapsed_s"] = time.perf_counter() - t_start

@@ -20,7 +20,7 @@ What it does:
    forward+backward added (after a tiny warm-up call that pays one-off initialization;
    elsewhere: ru_maxrss delta). Memory a method freed could stay mapped and hide growth, so each
    method gets its own process, sizes run smallest first, glibc's mmap threshold is pinned to
-   64 KiB (big blocks are fresh mappings, unmapped when freed) and malloc_trim(0) returns freed
+   1 MiB (big blocks are fresh mappings, unmapped when freed) and malloc_trim(0) returns freed
    heap pages before each size (benchmarks/bench_attention.py goes further: one fresh process
    per cell);
 3. prints a table, saves outputs/lesson08/attention.png, and asserts its claims: naive's
@@ -28,8 +28,8 @@ What it does:
 
 Timings are from a shared 2-core CPU with one torch thread per cell: read ratios, not absolutes.
 Pure-PyTorch flash stays well behind SDPA's fused kernel (a Python loop over tiles, no on-chip
-SRAM to win time from); against naive it is about even at small T and pulls ahead as the (T, T)
-matrices stop fitting in cache. The win that is large and certain on a CPU is memory.
+SRAM to win time from); naive, which writes and re-reads several (T, T) matrices, is slower
+still as T grows (see the table). The win that is large and certain on a CPU is memory.
 """
 import ctypes
 import ctypes.util
@@ -52,9 +52,10 @@ SEQ_LENS = (256, 512, 1024)
 BATCH, HEADS, HEAD_DIM = 1, 4, 64
 METHODS = ("naive", "flash", "sdpa")
 TIMED_REPEATS = 3
-# A fixed glibc mmap threshold: every block >= 64 KiB is its own mapping, returned to the OS the
+# A fixed glibc mmap threshold: every block >= 1 MiB is its own mapping, returned to the OS the
 # moment it is freed, so a later, larger cell cannot reuse pages an earlier cell left resident.
-MALLOC_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+# (Not lower: flash's 64 KiB tiles would then each cost an mmap/munmap and distort its time.)
+MALLOC_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
 
 
 def attention_fn(method):

@@ -34,7 +34,7 @@ from minitrain import ladder  # noqa: E402
 
 OUT = pathlib.Path("outputs/lesson11")
 KEYS = ("0", "1", "2", "3", "4", "5", "6")
-MODEL = dict(steps=10, batch_size=8, seq_len=128, n_layer=2, n_head=4, n_embd=128)
+MODEL = dict(steps=10, batch_size=4, seq_len=256, n_layer=2, n_head=4, n_embd=128)
 WARMUP = 4  # steps excluded from the median tokens/s
 
 

@@ -132,8 +132,10 @@ def main():
                     width, color="#A0AEC0", label="naive (via rank 0)" if j == 0 else None)
         axes[0].bar([x + width / 2 for x in xs], [b / 2**20 for b in row["ring_sent"]], width,
                     color="#1A365D", label="ring" if j == 0 else None)
-    axes[0].set_title(f"MB sent by each rank, D = {SIZES_MB[-1]} MB (N = 2: ranks 0-1; N = 3: 4-6)")
-    axes[0].set_xlabel("rank (grouped by world size)")
+    axes[0].set_xticks([j * 4 + r for j, row in enumerate(biggest) for r in range(row["world"])])
+    axes[0].set_xticklabels([f"N={row['world']}\nrank {r}" for row in biggest
+                             for r in range(row["world"])])
+    axes[0].set_title(f"MB sent by each rank for one all-reduce of D = {SIZES_MB[-1]} MB")
     axes[0].legend()
     for name, color in (("naive_ms", "#A0AEC0"), ("ring_ms", "#1A365D"), ("dist_ms", "#C9A227")):
         for world, style in zip(WORLDS, ("-", "--")):
@@ -142,6 +144,9 @@ def main():
                          marker="o", label=f"{name[:-3]} N={world}")
     axes[1].set_xscale("log")
     axes[1].set_yscale("log")
+    axes[1].set_xticks(SIZES_MB)
+    axes[1].set_xticklabels([str(mb) for mb in SIZES_MB])
+    axes[1].minorticks_off()
     axes[1].set_xlabel("tensor size (MB)")
     axes[1].set_ylabel("median time (ms), 2 shared CPU cores")
     axes[1].set_title("time per all-reduce (gloo, CPU processes)")
@@ -149,8 +154,10 @@ def main():
     fig.tight_layout()
     fig.savefig(OUT / "bytes_and_time.png", dpi=110)
     plt.close(fig)
-    print(f"ring: every rank sends 2(N-1)/N of the data; naive: rank 0 sends (N-1)x. "
-          f"Figure: {OUT / 'bytes_and_time.png'}")
+    print("bytes are exact: every ring rank sends 2(N-1)/N of the data, naive rank 0 sends "
+          "(N-1)x (and receives (N-1)x).\ntimes are medians on 2 shared CPU cores: small sizes "
+          "are latency-bound and noisy; compare within one run only.\n"
+          f"figure: {OUT / 'bytes_and_time.png'}")
 
 
 if __name__ == "__main__":

@@ -90,14 +90,17 @@ def naive_attention(q, k, v, *, causal=False, attn_mask=None, scale=None):
     return probs @ v  # (..., Tq, Dv)
 
 
-def _tile_scores(q_tile, k_tile, scale, causal, q_start, k_start):
-    """Scores of one tile, (N, bq, bk); causal entries j > i set to -inf when the tile crosses it."""
-    s = (q_tile @ k_tile.transpose(-2, -1)) * scale  # (N, bq, bk)
-    bq, bk = q_tile.size(-2), k_tile.size(-2)
+def _tile_scores(q_tile_scaled, k_tile, causal, q_start, k_start):
+    """Scores of one tile, (N, bq, bk); causal entries j > i set to -inf when the tile crosses it.
+
+    q_tile_scaled is q * scale: scaling the (bq, D) queries once is cheaper than every score.
+    """
+    s = q_tile_scaled @ k_tile.transpose(-2, -1)  # (N, bq, bk)
+    bq, bk = q_tile_scaled.size(-2), k_tile.size(-2)
     if causal and k_start + bk - 1 > q_start:  # some key in this tile lies right of the diagonal
         rows = torch.arange(q_start, q_start + bq, device=s.device)[:, None]  # (bq, 1)
         cols = torch.arange(k_start, k_start + bk, device=s.device)[None, :]  # (1, bk)
-        s = s.masked_fill(cols > rows, float("-inf"))
+        s.masked_fill_(cols > rows, float("-inf"))
     return s
 
 
@@ -107,9 +110,10 @@ def _flash_forward(q, k, v, causal, scale, block_size, trace=None):
     Tk, Dv = k.size(1), v.size(2)
     out = q.new_empty(N, Tq, Dv)
     lse = q.new_empty(N, Tq)
+    q_scaled = q * scale  # (N, Tq, D)
     for q_start in range(0, Tq, block_size):
         q_end = min(q_start + block_size, Tq)
-        q_tile = q[:, q_start:q_end]  # (N, bq, D)
+        q_tile = q_scaled[:, q_start:q_end]  # (N, bq, D)
         m = q.new_full((N, q_end - q_start), float("-inf"))  # running max      (N, bq)
         l = q.new_zeros(N, q_end - q_start)  # running sum of exp(s - m)         (N, bq)
         acc = q.new_zeros(N, q_end - q_start, Dv)  # running sum of exp(s - m) v (N, bq, Dv)
@@ -117,19 +121,21 @@ def _flash_forward(q, k, v, causal, scale, block_size, trace=None):
         k_stop = min(Tk, q_end) if causal else Tk
         for k_start in range(0, k_stop, block_size):
             k_end = min(k_start + block_size, Tk)
-            s = _tile_scores(q_tile, k[:, k_start:k_end], scale, causal, q_start, k_start)
+            s = _tile_scores(q_tile, k[:, k_start:k_end], causal, q_start, k_start)
+            # m_new is finite: every row sees key 0 in its first tile (top-left causal), so the
+            # classic exp(-inf - -inf) = nan cannot happen here (finite inputs).
             m_new = torch.maximum(m, s.amax(dim=-1))  # (N, bq)
-            m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)  # no -inf - -inf
-            p = torch.exp(s - m_safe[..., None])  # (N, bq, bk)
-            rescale = torch.exp(m - m_safe)  # (N, bq): shrinks what was summed under the old max
-            l = rescale * l + p.sum(dim=-1)
-            acc = rescale[..., None] * acc + p @ v[:, k_start:k_end]  # (N, bq, Dv)
+            p = s.sub_(m_new[..., None]).exp_()  # exp(s - m_new), in place, (N, bq, bk)
+            rescale = torch.exp(m - m_new)  # (N, bq): shrinks what was summed under the old max
+            l.mul_(rescale).add_(p.sum(dim=-1))  # l = l * rescale + rowsum(p)
+            acc.mul_(rescale[..., None]).baddbmm_(p, v[:, k_start:k_end])  # acc*rescale + p v
             m = m_new
             if trace is not None:
                 trace(q_start, q_end, k_start, k_end, m.clone(), l.clone())
-        l_safe = torch.where(l == 0, torch.ones_like(l), l)  # fully masked row -> output 0
+        # l == 0 only when there is no key at all (Tk == 0): output 0 and L = -inf, as SDPA.
+        l_safe = torch.where(l == 0, torch.ones_like(l), l)
         out[:, q_start:q_end] = acc / l_safe[..., None]
-        lse[:, q_start:q_end] = torch.where(l == 0, torch.full_like(m, float("-inf")), m + torch.log(l_safe))
+        lse[:, q_start:q_end] = torch.where(l == 0, m, m + torch.log(l_safe))
     return out, lse
 
 
@@ -139,7 +145,7 @@ def _flash_backward(q, k, v, out, lse, d_out, causal, scale, block_size):
     Tk = k.size(1)
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     delta = (d_out * out).sum(dim=-1)  # D_i = rowsum(dO * O), (N, Tq)
-    lse_safe = torch.where(torch.isinf(lse), torch.full_like(lse, float("inf")), lse)  # P = 0 there
+    q_scaled = q * scale  # (N, Tq, D)
     for k_start in range(0, Tk, block_size):
         k_end = min(k_start + block_size, Tk)
         k_tile, v_tile = k[:, k_start:k_end], v[:, k_start:k_end]  # (N, bk, D), (N, bk, Dv)
@@ -148,14 +154,14 @@ def _flash_backward(q, k, v, out, lse, d_out, causal, scale, block_size):
         q_first = (k_start // block_size) * block_size if causal else 0
         for q_start in range(q_first, Tq, block_size):
             q_end = min(q_start + block_size, Tq)
-            q_tile, do_tile = q[:, q_start:q_end], d_out[:, q_start:q_end]  # (N, bq, D|Dv)
-            s = _tile_scores(q_tile, k_tile, scale, causal, q_start, k_start)  # (N, bq, bk)
-            p = torch.exp(s - lse_safe[:, q_start:q_end, None])  # recomputed probabilities
-            dv_tile += p.transpose(-2, -1) @ do_tile  # (N, bk, Dv)
-            dp = do_tile @ v_tile.transpose(-2, -1)  # (N, bq, bk)
-            ds = p * (dp - delta[:, q_start:q_end, None])  # softmax backward, (N, bq, bk)
-            dq[:, q_start:q_end] += (ds @ k_tile) * scale
-            dk_tile += (ds.transpose(-2, -1) @ q_tile) * scale
+            q_tile, do_tile = q_scaled[:, q_start:q_end], d_out[:, q_start:q_end]  # (N, bq, D|Dv)
+            s = _tile_scores(q_tile, k_tile, causal, q_start, k_start)  # (N, bq, bk)
+            p = s.sub_(lse[:, q_start:q_end, None]).exp_()  # P = exp(s - L), recomputed
+            dv_tile.baddbmm_(p.transpose(-2, -1), do_tile)  # dV += P^T dO, (N, bk, Dv)
+            dp = do_tile @ v_tile.transpose(-2, -1)  # dP = dO V^T, (N, bq, bk)
+            ds = dp.sub_(delta[:, q_start:q_end, None]).mul_(p)  # dS = P * (dP - D)
+            dq[:, q_start:q_end].baddbmm_(ds, k_tile, alpha=scale)  # dQ += scale * dS K
+            dk_tile.baddbmm_(ds.transpose(-2, -1), q_tile)  # dK += dS^T (scale * Q)
         dk[:, k_start:k_end] = dk_tile
         dv[:, k_start:k_end] = dv_tile
     return dq, dk, dv

@@ -184,8 +184,8 @@ def summarize_metrics(records, *, warmup):
     timed = records[warmup:] or records[-1:]  # a 2-step smoke run still gets a number
     tps = [r["tokens_per_s"] for r in timed]
     peaks = [r.get("peak_mem_bytes") or 0 for r in records]
-    return {"tokens_per_s": statistics.median(tps), "tokens_per_s_p10": min(tps),
-            "tokens_per_s_p90": max(tps), "timed_steps": len(timed),
+    return {"tokens_per_s": statistics.median(tps), "tokens_per_s_worst": min(tps),
+            "tokens_per_s_best": max(tps), "timed_steps": len(timed),
             "first_step_tokens_per_s": records[0]["tokens_per_s"],
             "loss_step0": records[0]["loss"], "final_loss": records[-1]["loss"],
             "steps": len(records), "peak_mem_bytes": max(peaks)}
@@ -215,9 +215,10 @@ def train_rung(key, base, *, out_dir, warmup=4):
     t0 = time.perf_counter()
     result = train(TrainConfig(**config))
     wall_s = time.perf_counter() - t0
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None  # other work on the box
     summary = summarize_metrics(_read_metrics(pathlib.Path(out_dir) / "metrics.jsonl"),
                                 warmup=warmup)
-    summary.update(key=key, name=get_rung(key).name, wall_s=wall_s,
+    summary.update(key=key, name=get_rung(key).name, wall_s=wall_s, load_avg_1min=load,
                    peak_rss_bytes=_peak_rss_bytes(), rss_at_start_bytes=rss_before,
                    final_val_loss=getattr(result, "final_val_loss", None),
                    tokens_per_step=config["batch_size"] * config["seq_len"]
@@ -282,9 +283,9 @@ def ladder_table(results, *, reference_key="0"):
 
 def format_table(rows, *, valid=None):
     """Markdown table; a rung whose validation failed shows INVALID instead of its speed."""
-    lines = ["| rung | change | tokens/s | speedup vs 0 | vs the rung below | first step s "
-             "| peak mem MB | loss after N steps | note |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    lines = ["| rung | change | tokens/s | speedup vs 0 | vs the rung below | best step tok/s "
+             "| first step s | peak mem MB | loss after N steps | load avg | note |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for row in rows:
         ok = True if valid is None else valid.get(row["key"], (False, ""))[0]
         tps = f"{row['tokens_per_s']:,.0f}" if ok else "INVALID"
@@ -293,8 +294,11 @@ def format_table(rows, *, valid=None):
         first = row["tokens_per_step"] / row["first_step_tokens_per_s"] \
             if row.get("tokens_per_step") else float("nan")
         mem = (row.get("peak_mem_bytes") or row.get("peak_rss_bytes") or 0) / 2**20
-        lines.append(f"| {row['key']} | {row['name']} | {tps} | {speed} | {below} | "
-                     f"{first:.2f} | {mem:,.0f} | {row['final_loss']:.4f} | {row['note']} |")
+        best = f"{row['tokens_per_s_best']:,.0f}" if ok and row.get("tokens_per_s_best") else "-"
+        load = f"{row['load_avg_1min']:.1f}" if row.get("load_avg_1min") is not None else "-"
+        lines.append(f"| {row['key']} | {row['name']} | {tps} | {speed} | {below} | {best} | "
+                     f"{first:.2f} | {mem:,.0f} | {row['final_loss']:.4f} | {load} | "
+                     f"{row['note']} |")
     return "\n".join(lines)
 
 

@@ -1,11 +1,10 @@
 """The trainer (minitrain.train): metrics, checkpoints, precisions, CLI, exact kill-and-resume."""
 import dataclasses
 import json
+import multiprocessing
 import os
 import pathlib
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -20,7 +19,6 @@ from minitrain.train import (ConfigError, RunResult, TrainConfig, build_parser, 
 from tests.strategies import seeds
 
 pytestmark = pytest.mark.trainer
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONTRACT_FIELDS = dict(
     steps=200, batch_size=16, seq_len=128, accum_steps=1, max_lr=1e-3, min_lr=1e-4,
     warmup_steps=20, clip_norm=1.0, weight_decay=0.1, n_layer=4, n_head=4, n_embd=128,
@@ -97,14 +95,19 @@ def test_metrics_checkpoint_and_result(data_bin, tmp_path):
                                        dict(accum_steps=3, loader="memmap", batching="loop")])
 def test_precision_and_accumulation_smoke(data_bin, tmp_path, overrides):
     """fp16 (+GradScaler), bf16 and accumulation train: finite losses that go down, a line per
-    step, and fp16 logs the scaler's scale (65536 at the start)."""
+    step, fp16 logs the scaler's scale (65536 at the start) and its checkpoint (weights_only)
+    holds the scaler's state."""
     result = train(tiny(data_bin, tmp_path, steps=6, max_lr=3e-3, **overrides))
     records = read_metrics(tmp_path)
     assert len(records) == 6 and all(r["loss"] is not None for r in records)
     assert result.final_loss < records[0]["loss"]
+    state = load_checkpoint(result.checkpoint_path)  # weights_only=True, also with a scaler
     if overrides.get("precision") == "fp16":
         assert records[0]["scale"] == 65536.0
+        backoff = 2 if records[-1]["skipped"] else 1  # the scale after the last update
+        assert state["scaler"]["scale"] == records[-1]["scale"] / backoff
     else:
+        assert state["scaler"] is None
         assert all(r["scale"] == 1.0 for r in records)
 
 
@@ -157,30 +160,28 @@ def test_resume_with_a_different_config_is_refused(data_bin, tmp_path):
 
 
 def test_kill_and_resume_is_bit_exact(data_bin, tmp_path):
-    """A run SIGKILLed mid-run (after >= 20 metrics lines) and restarted with --resume logs
-    exactly the uninterrupted run's losses, val losses and grad norms, one line per step."""
+    """A run SIGKILLed mid-run (after >= 20 metrics lines) and restarted with resume=True logs
+    exactly the uninterrupted run's losses, val losses, lrs and grad norms, one line per step.
+    The victim is a forked process (no second torch import); SIGKILL gives it no chance to
+    clean up, as a crash or an out-of-memory kill would not."""
     steps = 100
     kw = dict(steps=steps, checkpoint_every=7, eval_every=20, eval_iters=1)
     ref = train(tiny(data_bin, tmp_path / "ref", **kw))
     out = tmp_path / "killed"
-    argv = [sys.executable, "-m", "minitrain.train", "--steps", str(steps), "--batch-size", "4",
-            "--seq-len", "32", "--n-layer", "1", "--n-head", "2", "--n-embd", "32",
-            "--warmup-steps", "2", "--eval-every", "20", "--eval-iters", "1",
-            "--checkpoint-every", "7", "--log-every", "0", "--data", data_bin,
-            "--out-dir", str(out)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    proc = subprocess.Popen(argv, env=env, cwd=ROOT)
+    ctx = multiprocessing.get_context("fork")
+    proc = ctx.Process(target=train, args=(tiny(data_bin, out, **kw),))
+    proc.start()
     metrics = out / "metrics.jsonl"
     deadline = time.monotonic() + 60
     try:
-        while time.monotonic() < deadline and proc.poll() is None:
+        while time.monotonic() < deadline and proc.is_alive():
             if metrics.exists() and metrics.read_text().count("\n") >= 20:
                 break
             time.sleep(0.002)
-        proc.send_signal(signal.SIGKILL)
+        os.kill(proc.pid, signal.SIGKILL)
     finally:
-        proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+        proc.join(timeout=30)
+    assert proc.exitcode == -signal.SIGKILL, "the run ended before it could be killed"
     logged = metrics.read_text().count("\n")
     assert 20 <= logged < steps
     resumed = train(tiny(data_bin, out, resume=True, **kw))
@@ -218,7 +219,7 @@ BAD = [(["--max-lr", "-1"], "--max-lr"), (["--steps", "0"], "--steps"),
 def test_cli_bad_values_one_line(argv, flag, capsys, tmp_path):
     """A bad value exits non-zero before training with one stderr line that names the flag.
     (In-process: an exception main() failed to catch would surface here as a test error, so
-    this also proves there is no traceback; the kill test below runs the real command.)"""
+    this also proves there is no traceback; test_train_distributed.py runs the real command.)"""
     try:
         code = main(argv + ["--out-dir", str(tmp_path)])
     except SystemExit as exc:  # argparse's own type/choice errors
