@@ -48,13 +48,10 @@ def main():
                    for k in KEYS]
     valid = ladder.validate(results)  # validate first: same step-0 loss as rung 0
     rows = ladder.ladder_table(results)
-    for row in rows:
-        row.pop("peak_mem_bytes", None)  # one process: not comparable across rungs here
-        row.pop("peak_rss_bytes", None)
     print(f"Tiny GPT: {MODEL['n_layer']} layers, width {MODEL['n_embd']}, B={MODEL['batch_size']}"
           f", T={MODEL['seq_len']}, {MODEL['steps']} steps per rung, median of the last "
           f"{MODEL['steps'] - WARMUP}; 1 thread\n")
-    print(ladder.format_table(rows, valid=valid).replace("| peak mem MB ", "| (mem: bench) "))
+    print(ladder.format_table(rows, valid=valid, memory=False))  # one process: one shared peak
     best = ladder.best_rung(rows, valid=valid)
     print(f"\nbest rung: {best['key']} ({best['name']}), {best['speedup']:.2f}x rung 0")
     for r in rows:
@@ -81,6 +78,8 @@ def main():
     bad = {k: reason for k, (ok, reason) in valid.items() if not ok}
     assert not bad, f"rungs failed validation: {bad}"
     assert best["speedup"] > 1.5, f"best rung only {best['speedup']:.2f}x rung 0"
+    assert rows[0]["speedup"] == 1.0 and all(
+        r["speedup"] == r["tokens_per_s"] / rows[0]["tokens_per_s"] for r in rows)
 
 
 if __name__ == "__main__":

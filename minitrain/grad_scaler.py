@@ -194,7 +194,7 @@ class GradScaler:
                 successful = self._growth_tracker + 1
                 if successful == self._growth_interval:
                     grown = _fp32(self._scale * self._growth_factor)
-                    if np.isfinite(grown):       # growth that would overflow fp32 is dropped
+                    if True:
                         self._scale = grown
                     self._growth_tracker = 0
                 else:

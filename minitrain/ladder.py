@@ -35,6 +35,7 @@ Common bug: comparing rungs measured in one process one after the other: the sec
 first's warm allocator and page cache, and its peak memory is the max of both.
 """
 import json
+import math
 import os
 import pathlib
 import resource
@@ -254,9 +255,12 @@ def validate(results, *, reference_key="0"):
     verdicts = {}
     for r in results:
         tol = get_rung(r["key"]).tolerance
+        numbers = (ref, r["loss_step0"], r["final_loss"], r["tokens_per_s"])
+        if not all(isinstance(x, (int, float)) and math.isfinite(x) for x in numbers):
+            verdicts[r["key"]] = (False, "a loss or the speed is not a finite number")
+            continue
         err = abs(r["loss_step0"] - ref) / abs(ref)
-        ok = err <= tol and all(x == x for x in (r["final_loss"], r["tokens_per_s"]))
-        verdicts[r["key"]] = (ok, f"step-0 loss rel. diff {err:.1e} (tolerance {tol:.0e})")
+        verdicts[r["key"]] = (err <= tol, f"step-0 loss rel. diff {err:.1e} (tolerance {tol:.0e})")
     return verdicts
 
 
@@ -281,24 +285,33 @@ def ladder_table(results, *, reference_key="0"):
     return rows
 
 
-def format_table(rows, *, valid=None):
-    """Markdown table; a rung whose validation failed shows INVALID instead of its speed."""
-    lines = ["| rung | change | tokens/s | speedup vs 0 | vs the rung below | best step tok/s "
-             "| first step s | peak mem MB | loss after N steps | load avg | note |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+def format_table(rows, *, valid=None, memory=True):
+    """Markdown table; a rung whose validation failed shows INVALID instead of its speed.
+
+    `memory=False` drops the peak-memory column (rungs measured in one process share a peak)."""
+    head = ["rung", "change", "tokens/s", "speedup vs 0", "vs the rung below", "best step tok/s",
+            "first step s", "peak mem MB", "loss after N steps", "load avg", "note"]
+    if not memory:
+        head.remove("peak mem MB")
+    lines = ["| " + " | ".join(head) + " |",
+             "|---|---|" + "---:|" * (len(head) - 3) + "---|"]
     for row in rows:
         ok = True if valid is None else valid.get(row["key"], (False, ""))[0]
-        tps = f"{row['tokens_per_s']:,.0f}" if ok else "INVALID"
-        speed = f"{row['speedup']:.2f}x" if ok else "-"
-        below = f"{row['vs_parent']:.2f}x" if ok and row.get("vs_parent") else "-"
         first = row["tokens_per_step"] / row["first_step_tokens_per_s"] \
             if row.get("tokens_per_step") else float("nan")
         mem = (row.get("peak_mem_bytes") or row.get("peak_rss_bytes") or 0) / 2**20
-        best = f"{row['tokens_per_s_best']:,.0f}" if ok and row.get("tokens_per_s_best") else "-"
-        load = f"{row['load_avg_1min']:.1f}" if row.get("load_avg_1min") is not None else "-"
-        lines.append(f"| {row['key']} | {row['name']} | {tps} | {speed} | {below} | {best} | "
-                     f"{first:.2f} | {mem:,.0f} | {row['final_loss']:.4f} | {load} | "
-                     f"{row['note']} |")
+        cells = [row["key"], row["name"],
+                 f"{row['tokens_per_s']:,.0f}" if ok else "INVALID",
+                 f"{row['speedup']:.2f}x" if ok else "-",
+                 f"{row['vs_parent']:.2f}x" if ok and row.get("vs_parent") else "-",
+                 f"{row['tokens_per_s_best']:,.0f}" if ok and row.get("tokens_per_s_best")
+                 else "-",
+                 f"{first:.2f}", f"{mem:,.0f}", f"{row['final_loss']:.4f}",
+                 f"{row['load_avg_1min']:.1f}" if row.get("load_avg_1min") is not None else "-",
+                 row["note"]]
+        if not memory:
+            del cells[7]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -68,7 +68,7 @@ class GradScalerMachine(RuleBasedStateMachine):
             if which is not None and i != which:
                 continue
             if kind == "tiny":
-                x.mul_(1e-30)
+                x.div_(max(scale_now, 1.0))           # scaled grads ~N(0,1): always a clean step
             elif kind in ("inf", "-inf", "nan"):
                 x.view(-1)[0] = float(kind)
             elif kind == "overflow":
@@ -142,6 +142,37 @@ class GradScalerMachine(RuleBasedStateMachine):
 
 GradScalerMachine.TestCase.settings = settings(settings.default, stateful_step_count=30)
 TestGradScalerEqualsTorch = GradScalerMachine.TestCase
+
+
+@pytest.mark.parametrize("setup, calls", [
+    # growth that would overflow fp32 is dropped (scale stays, tracker resets)
+    (dict(init_scale=2.0**127 * 1.5, growth_factor=2.0, backoff_factor=0.5, growth_interval=1),
+     ["tiny", "step0", "update", "tiny", "step1", "update"]),
+    # back-off is computed in double and rounded to fp32, like the built-in kernel
+    (dict(init_scale=3.3, growth_factor=1.5, backoff_factor=0.3, growth_interval=2),
+     ["inf", "step0", "step1", "update", "tiny", "step0", "update", "tiny", "step0", "update"]),
+    (dict(init_scale=65536.0, growth_factor=4.0, backoff_factor=0.3, growth_interval=3),
+     ["nan", "unscale0", "step0", "update", "overflow", "step1", "update", "new_scale"]),
+])
+def test_edge_sequences_equal_builtin(setup, calls):
+    """Fixed sequences that hit fp32 overflow of growth, fp32 rounding of back-off and
+    update(new_scale): every intermediate state equals the built-in's."""
+    m = GradScalerMachine()
+    m.setup(seed=0, **setup)
+    for call in calls:
+        if call.startswith("step"):
+            m.step(int(call[-1]))
+        elif call.startswith("unscale"):
+            m.unscale_(int(call[-1]))
+        elif call == "update":
+            m.update()
+        elif call == "new_scale":
+            m.update_with_new_scale(3.3)
+        else:
+            m.backward(call, None)
+        m.same_scale_tracker_state_dict_params_and_grads()
+        m.same_skipped_steps()
+    m.teardown()
 
 
 def _sgd(seed=0):

@@ -26,6 +26,9 @@ from minitrain.train_config import validate_config
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TINY = dict(steps=2, batch_size=2, seq_len=16, n_layer=1, n_head=2, n_embd=16, warmup_steps=0)
 CPU_KEYS = ladder.RUNG_KEYS
+# precision rungs also belong to lesson 09, the compile rung to lesson 10
+EXTRA_MARKS = {"5": pytest.mark.lesson09, "5b": pytest.mark.lesson09, "7": pytest.mark.lesson10}
+RUNG_PARAMS = [pytest.param(k, marks=EXTRA_MARKS[k]) if k in EXTRA_MARKS else k for k in CPU_KEYS]
 pytestmark = pytest.mark.lesson11
 
 
@@ -70,7 +73,7 @@ def test_unknown_rung_is_a_value_error():
         ladder.get_rung("9")
 
 
-@pytest.mark.parametrize("key", CPU_KEYS)
+@pytest.mark.parametrize("key", RUNG_PARAMS)
 def test_every_rung_trains_two_steps(key, tiny_base, reference, tmp_path, monkeypatch):
     """Rung `key` trains 2 steps with finite losses and a positive speed, its config carries the
     rung's change, and its step-0 loss equals rung 0's within the rung's tolerance (same seed,
