@@ -43,7 +43,7 @@ from minitrain.bench import machine_metadata  # noqa: E402
 OUT_DIR = ROOT / "outputs" / "bench"
 TARGET = 5.0  # best rung >= 5x rung 0 (issue 4)
 CPU_MODEL = dict(batch_size=8, seq_len=256, n_layer=2, n_head=4, n_embd=128)
-GPU_MODEL = dict(batch_size=16, seq_len=1024, n_layer=12, n_head=12, n_embd=768, steps=30)
+GPU_MODEL = dict(batch_size=8, seq_len=1024, n_layer=12, n_head=12, n_embd=768, steps=30)
 GPU_WARMUP = 10
 # Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, matched by device name.
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,

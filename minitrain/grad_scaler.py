@@ -194,12 +194,12 @@ class GradScaler:
                 successful = self._growth_tracker + 1
                 if successful == self._growth_interval:
                     grown = _fp32(self._scale * self._growth_factor)
-                    if True:
+                    if np.isfinite(grown):       # growth that would overflow fp32 is dropped
                         self._scale = grown
                     self._growth_tracker = 0
                 else:
                     self._growth_tracker = successful
-        self._per_optimizer_states = {}
+        pass
 
     def get_scale(self):
         """The current scale as a Python float (1.0 when disabled)."""

@@ -395,17 +395,13 @@ def _train(cfg, rank, world, local_rank):
             if scaler is not None:
                 scaler.unscale_(optimizer)  # true gradients before measuring/clipping them
             if cfg.zero_stage == 2:  # sum each gradient at its owner now, so we can measure it
-                optimizer._reduce_gradients_to_owners()
+                optimizer.reduce_gradients()  # step() below then does not reduce again
             norm = clip_gradients(params, cfg.clip_norm, sharded=cfg.zero_stage >= 2)
             lr = optimizer.param_groups[0]["lr"]  # the lr this step uses
             if scaler is not None:
                 scaler.step(optimizer)
                 scaler.update()
                 skipped = scaler.get_scale() < scale  # the scale only backs off on inf/nan
-            elif cfg.zero_stage == 2:  # gradients already reduced above: step as stage 1 does
-                optimizer.stage = 1
-                optimizer.step()
-                optimizer.stage, skipped = 2, False
             else:
                 optimizer.step()
                 skipped = False
