@@ -107,7 +107,7 @@ def main():
     for ax in (ax_m, ax_l):
         ax.set_xticks(rows)
         ax.set_xlabel("query row in the current tile")
-    step_text = fig.text(0.5, 0.9, "", ha="center", color=deck.NAVY, fontsize=16)
+    step_text = fig.text(0.5, 0.915, "", ha="center", va="top", color=deck.NAVY, fontsize=15)
 
     def update(frame):
         if frame < n_intro:  # naive: S = Q K^T appears, the whole matrix held at once
@@ -144,7 +144,7 @@ def main():
         step_text.set_text(
             f"queries {q0}-{q1 - 1}, keys {k0}-{k1 - 1}:  m <- max(m, rowmax S),  "
             f"l <- l * exp(m_old - m_new) + sum exp(S - m_new)"
-            + ("   ->  out = acc / l,  save L = m + log l" if last else "")
+            + ("\nlast tile of these rows:  out = acc / l,  save only L = m + log l" if last else "")
         )
 
     stills = (n_intro - 1, n_intro + (n_tiles // 2) * per_tile, n_frames - 1)

@@ -18,6 +18,7 @@ import json
 import pathlib
 import sys
 import tempfile
+import textwrap
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import deck  # noqa: E402
@@ -52,8 +53,9 @@ def from_bench():
         dist = json.loads((BENCH / "distributed.json").read_text())
         ddp = {r["variant"]: r for r in dist["ddp"]}
         best = ddp.get("bucketed") or max(ddp.values(), key=lambda r: r["tokens_per_s"])
-        bars.append(dict(label=f"data parallel\n2 ranks, {best['variant']} DDP",
-                         tps=best["tokens_per_s"], group="data parallel", slower=False))
+        bars.append(dict(label=f"data parallel: 2 ranks, {best['variant']} DDP",
+                         tps=best["tokens_per_s"], group="data parallel", slower=False,
+                         other_model=True))
         source += "; DP bar: outputs/bench/distributed.json (its own model: 4 layers, T=128)"
     except (OSError, ValueError, KeyError, TypeError):
         pass
@@ -101,7 +103,7 @@ def main():
     ax.set_ylim(0, top)
     ax.set_xlim(-0.6, len(bars) - 0.4)
     ax.set_xticks(range(len(bars)))
-    ax.set_xticklabels([b["label"].replace(". ", ".\n", 1) for b in bars], fontsize=11,
+    ax.set_xticklabels([textwrap.fill(b["label"], 13) for b in bars], fontsize=11,
                        color=deck.TEXT)
     ax.grid(axis="y", color=deck.MUTED, alpha=0.4)
     colors = {"baseline": deck.MUTED, "single device": deck.NAVY, "data parallel": deck.GOLD}
@@ -122,12 +124,13 @@ def main():
             height = bar["tps"] * eased
             rect.set_height(height)
             label.set_position((i, height))
-            label.set_text(f"{bar['tps']:,.0f}\n{bar['tps'] / base_tps:.2f}x" if progress >= 1
-                           else "")
+            ratio = "other model" if bar.get("other_model") else f"{bar['tps'] / base_tps:.2f}x"
+            label.set_text(f"{bar['tps']:,.0f}\n{ratio}" if progress >= 1 else "")
         current = bars[min(frame // grow, len(bars) - 1)]
         stage.set_text({"baseline": "Baseline: everything from scratch",
                         "single device": "Optimized single device: one rung at a time",
-                        "data parallel": "Data parallel: more devices, same model"}
+                        "data parallel": "Data parallel: 2 processes share the work "
+                                         "(bench_distributed's own model)"}
                        [current["group"]])
         return [*rects, *labels, stage]
 

@@ -125,7 +125,7 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rungs", nargs="*", default=list(ladder.RUNG_KEYS),
                         help="CPU rungs to run (rung 0 is always included)")
-    parser.add_argument("--steps", type=int, default=12, help="training steps per rung")
+    parser.add_argument("--steps", type=int, default=24, help="training steps per rung")
     parser.add_argument("--warmup", type=int, default=4,
                         help="first steps excluded from tokens/s (compile happens in step 0)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rung")

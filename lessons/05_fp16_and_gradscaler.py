@@ -162,8 +162,8 @@ def main():
     ax.set_ylabel("log2 scale")
     ax.set_title(f"GradScaler scale (growth_interval {GROWTH_INTERVAL})", color=NAVY, loc="left")
     ax = axes[2]
-    for (name, (losses, _, _)), c in zip(runs.items(), (MUTED, NAVY, GOLD)):
-        ax.plot(np.convolve(losses, np.ones(5) / 5, mode="valid"), color=c, lw=2, label=name)
+    for (name, (losses, _, _)), c, lw in zip(runs.items(), (MUTED, NAVY, GOLD), (5, 2, 2)):
+        ax.plot(np.convolve(losses, np.ones(5) / 5, mode="valid"), color=c, lw=lw, label=name)
     ax.set_xlabel("optimizer step")
     ax.set_title("training loss (5-step mean)", color=NAVY, loc="left")
     for ax in axes:

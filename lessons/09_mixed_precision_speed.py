@@ -98,7 +98,7 @@ def main():
     OUT.mkdir(parents=True, exist_ok=True)
     flags = cpu_flags()
     units = sorted(flags & {"amx_bf16", "avx512_bf16", "avx512_fp16", "amx_fp16"})
-    print(f"CPU: {machine_metadata()['cpu']}, {torch.get_num_threads()} threads; "
+    print(f"CPU: {machine_metadata()['cpu']}, {torch.get_num_threads()} thread(s); "
           f"low-precision units: {', '.join(units) or 'none'}")
     g = torch.Generator().manual_seed(1)
     batches = [(torch.randint(0, 256, (BATCH, SEQ), generator=g),

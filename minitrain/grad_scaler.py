@@ -199,7 +199,7 @@ class GradScaler:
                     self._growth_tracker = 0
                 else:
                     self._growth_tracker = successful
-        pass
+        self._per_optimizer_states = {}
 
     def get_scale(self):
         """The current scale as a Python float (1.0 when disabled)."""

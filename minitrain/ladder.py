@@ -189,7 +189,8 @@ def summarize_metrics(records, *, warmup):
             "tokens_per_s_best": max(tps), "timed_steps": len(timed),
             "first_step_tokens_per_s": records[0]["tokens_per_s"],
             "loss_step0": records[0]["loss"], "final_loss": records[-1]["loss"],
-            "steps": len(records), "peak_mem_bytes": max(peaks)}
+            "steps": len(records), "peak_mem_bytes": max(peaks),
+            "skipped_steps": sum(bool(r.get("skipped")) for r in records)}
 
 
 def _read_metrics(path):
@@ -276,6 +277,8 @@ def ladder_table(results, *, reference_key="0"):
         row = dict(r)
         row["name"] = rung.name
         row["note"] = r.get("note", rung.note)
+        if r.get("skipped_steps"):  # fp16: the GradScaler skipped updates with inf/nan grads
+            row["note"] += f" ({r['skipped_steps']} steps skipped by the GradScaler)"
         row["speedup"] = r["tokens_per_s"] / ref["tokens_per_s"]
         parent = by_key.get(rung.builds_on) if rung.builds_on else None
         row["vs_parent"] = r["tokens_per_s"] / parent["tokens_per_s"] if parent else None

@@ -197,3 +197,35 @@ def test_bad_arguments_raise_value_error():
         naive_attention(q, k, torch.randn(1, 6, 3))
     with pytest.raises(ValueError, match="block_size"):
         flash_attention(q, k, v, block_size=0)
+
+
+class MatmulCounter(TorchDispatchMode):
+    """Counts batched matmuls (bmm, baddbmm): one group of them per visited tile."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if "bmm" in func.__name__:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_causal_backward_skips_tiles_above_the_diagonal():
+    """The backward pass, too, only visits the n(n+1)/2 tiles at or below the diagonal: it runs
+    exactly that fraction of the non-causal pass's tile matmuls."""
+    T, block = 50, 16
+    n = math.ceil(T / block)
+    counts = {}
+    for causal in (False, True):
+        q, k, v = (torch.randn(1, T, 8, requires_grad=True) for _ in range(3))
+        out = flash_attention(q, k, v, causal=causal, block_size=block)
+        counter = MatmulCounter()
+        with counter:
+            out.backward(torch.ones_like(out))
+        counts[causal] = counter.count
+    assert counts[False] % (n * n) == 0
+    per_tile = counts[False] // (n * n)
+    assert per_tile >= 4  # scores, dV, dP, dQ, dK
+    assert counts[True] == per_tile * n * (n + 1) // 2
