@@ -114,8 +114,8 @@ def main():
                       fontweight="bold") for i in range(len(bars))]
     stage = ax.text(0.01, 0.96, "", transform=ax.transAxes, fontsize=17, color=deck.NAVY,
                     va="top", fontweight="bold")
-    fig.text(0.07, 0.895, f"Source: {source}. Red outline: slower than the rung below.",
-             fontsize=11, color=deck.TEXT)
+    fig.text(0.07, 0.875, textwrap.fill(f"Source: {source}. Red outline: slower than the rung "
+                                        "below.", 160), fontsize=11, color=deck.TEXT)
 
     def update(frame):
         for i, (rect, label, bar) in enumerate(zip(rects, labels, bars)):
