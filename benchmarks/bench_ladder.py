@@ -23,7 +23,7 @@ and the table adds MFU = achieved FLOP/s / the GPU's dense bf16 peak, with the n
 FLOPs/token = 6 N + 12 L C T. NOTE: this GPU path was written on a machine without a GPU and has
 never been run; treat its first run as a test of it.
 
-Run: python benchmarks/bench_ladder.py [--rungs 0 4 7] [--steps 12] [--threads 1]
+Run: python benchmarks/bench_ladder.py [--rungs 0 4 7] [--steps 24] [--threads 1] [--n-embd 256]
 """
 import argparse
 import json
@@ -132,6 +132,11 @@ def main(argv=None):
     parser.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None,
                         help="also run the GPU ladder (default: when CUDA is available)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per rung")
+    for name in ("batch_size", "seq_len", "n_layer", "n_head", "n_embd"):
+        parser.add_argument("--" + name.replace("_", "-"), type=int, default=CPU_MODEL[name],
+                            help=f"CPU ladder model/batch setting (default {CPU_MODEL[name]})")
+    parser.add_argument("--out-dir", type=pathlib.Path, default=OUT_DIR,
+                        help="where ladder.md/.json go (default outputs/bench)")
     args = parser.parse_args(argv)
     if args.steps <= args.warmup:
         parser.error(f"--steps ({args.steps}) must be larger than --warmup ({args.warmup})")
@@ -147,11 +152,14 @@ def main(argv=None):
 
     torch.set_num_threads(args.threads)  # so machine_metadata records what the rungs used
     meta = machine_metadata(dtype="fp32 master weights; per-rung autocast dtype in the table")
-    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    out_dir = args.out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (ROOT / "outputs").mkdir(exist_ok=True)
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=ROOT / "outputs") as tmp:
         data = ladder.prepare_data(pathlib.Path(tmp) / "tokens.bin")
-        base = ladder.default_base(**CPU_MODEL, steps=args.steps, data=data)
+        model = {k: getattr(args, k) for k in CPU_MODEL}
+        base = ladder.default_base(**model, steps=args.steps, data=data)
         results, failures = run_ladder(keys, base, warmup=args.warmup, threads=args.threads,
                                        workdir=tmp, timeout_s=args.timeout)
         cpu_md, cpu_json, ok = section(
@@ -173,9 +181,11 @@ def main(argv=None):
             report["gpu"] = gpu_json
             ok = ok and gok
     cfg = cpu_json["base"]
+    command = " ".join(["python benchmarks/bench_ladder.py"]
+                       + (sys.argv[1:] if argv is None else list(argv)))
     header = [
         "# The speed ladder", "",
-        f"Made by `python benchmarks/bench_ladder.py` on {meta['cpu']} ({meta['cpu_count']} "
+        f"Made by `{command}` on {meta['cpu']} ({meta['cpu_count']} "
         f"cores), torch {meta['torch']}, GPU: {meta['gpu'] or 'none'}; "
         f"{time.perf_counter() - t_start:.0f} s in all.", "",
         f"Model: {cfg['n_layer']} layers, {cfg['n_head']} heads, width {cfg['n_embd']}, "
@@ -193,9 +203,9 @@ def main(argv=None):
     report["elapsed_s"] = time.perf_counter() - t_start
     for name, content in (("ladder.md", text), ("ladder.json",
                                                 json.dumps(report, indent=2) + "\n")):
-        tmp_path = OUT_DIR / (name + ".partial")
+        tmp_path = out_dir / (name + ".partial")
         tmp_path.write_text(content)
-        os.replace(tmp_path, OUT_DIR / name)
+        os.replace(tmp_path, out_dir / name)
     print(text)
     return 0 if ok else 1
 
