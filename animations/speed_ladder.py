@@ -47,8 +47,8 @@ def from_bench():
     bars = [dict(label=f"{r['key']}. {r['name']}", tps=r["tokens_per_s"],
                  group="baseline" if r["key"] == "0" else "single device",
                  slower=bool(r.get("vs_parent") and r["vs_parent"] < 1)) for r in main]
-    source = f"outputs/bench/ladder.json ({report['machine']['cpu']}, " \
-             f"{report['machine']['torch_threads']} thread(s))"
+    source = f"outputs/bench/ladder.json (T={report['cpu']['base']['seq_len']}, " \
+             f"{report['machine']['cpu']}, {report['machine']['torch_threads']} thread(s))"
     try:
         dist = json.loads((BENCH / "distributed.json").read_text())
         ddp = {r["variant"]: r for r in dist["ddp"]}

@@ -12,9 +12,13 @@ Validate, then benchmark: the table prints a rung's speed only if its step-0 los
 (same seed, init and first batch; tolerance per rung, see minitrain.ladder.validate); the script
 exits non-zero if any rung fails validation or crashes.
 
-Threads: one by default. On a 2-core machine shared with other work, a 2-thread OpenMP region
-stalls whenever the other core is busy and the numbers turn into noise; the ratios between rungs
-are what this table is for. `--threads 2` measures the machine's full width.
+Context length: one ladder per `--seq-len` (default 256 and 1024). At T=256 the matmuls dominate
+a step, at T=1024 naive attention's (T, T) matrices do, so the same rungs pay very differently;
+showing both is the honest picture, and the lesson in it.
+
+Threads: every core by default (the machine's full width). On a machine shared with other work a
+multi-thread OpenMP region stalls whenever another core is busy and the numbers turn into noise:
+use `--threads 1` there; the ratios between rungs are what this table is for.
 
 On a machine with CUDA the GPU ladder (minitrain.ladder.GPU_RUNGS: TF32, SDPA, bf16, fused AdamW,
 torch.compile, larger batch) runs as well, on a GPT-2-small-like model (12 layers, 12 heads,
@@ -23,7 +27,7 @@ and the table adds MFU = achieved FLOP/s / the GPU's dense bf16 peak, with the n
 FLOPs/token = 6 N + 12 L C T. NOTE: this GPU path was written on a machine without a GPU and has
 never been run; treat its first run as a test of it.
 
-Run: python benchmarks/bench_ladder.py [--rungs 0 4 7] [--steps 24] [--threads 1] [--n-embd 256]
+Run: python benchmarks/bench_ladder.py [--rungs 0 4 7] [--steps 16] [--threads 1] [--seq-len 256 1024]
 """
 import argparse
 import json
@@ -43,6 +47,9 @@ from minitrain.bench import machine_metadata  # noqa: E402
 OUT_DIR = ROOT / "outputs" / "bench"
 TARGET = 5.0  # best rung >= 5x rung 0 (issue 4)
 CPU_MODEL = dict(batch_size=8, seq_len=256, n_layer=2, n_head=4, n_embd=128)
+# One ladder per context length. At T=256 the matmuls dominate a step; at T=1024 naive attention's
+# (T, T) score matrix does, so the same rungs pay very differently: both are the honest picture.
+CPU_SEQ_LENS = (256, 1024)
 GPU_MODEL = dict(batch_size=8, seq_len=1024, n_layer=12, n_head=12, n_embd=768, steps=30)
 GPU_WARMUP = 10
 # Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, matched by device name.
@@ -125,14 +132,19 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rungs", nargs="*", default=list(ladder.RUNG_KEYS),
                         help="CPU rungs to run (rung 0 is always included)")
-    parser.add_argument("--steps", type=int, default=24, help="training steps per rung")
+    parser.add_argument("--steps", type=int, default=16, help="training steps per rung")
     parser.add_argument("--warmup", type=int, default=4,
                         help="first steps excluded from tokens/s (compile happens in step 0)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per rung")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="torch threads per rung (default: every core; use 1 on a machine "
+                             "other work is loading)")
     parser.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None,
                         help="also run the GPU ladder (default: when CUDA is available)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per rung")
-    for name in ("batch_size", "seq_len", "n_layer", "n_head", "n_embd"):
+    parser.add_argument("--seq-len", type=int, nargs="+", default=list(CPU_SEQ_LENS),
+                        help="context lengths: one CPU ladder per value (default "
+                             f"{' '.join(map(str, CPU_SEQ_LENS))})")
+    for name in ("batch_size", "n_layer", "n_head", "n_embd"):
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=CPU_MODEL[name],
                             help=f"CPU ladder model/batch setting (default {CPU_MODEL[name]})")
     parser.add_argument("--out-dir", type=pathlib.Path, default=OUT_DIR,
@@ -158,16 +170,23 @@ def main(argv=None):
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=ROOT / "outputs") as tmp:
         data = ladder.prepare_data(pathlib.Path(tmp) / "tokens.bin")
-        model = {k: getattr(args, k) for k in CPU_MODEL}
-        base = ladder.default_base(**model, steps=args.steps, data=data)
-        results, failures = run_ladder(keys, base, warmup=args.warmup, threads=args.threads,
-                                       workdir=tmp, timeout_s=args.timeout)
-        cpu_md, cpu_json, ok = section(
-            f"CPU ladder ({args.threads} thread{'s' if args.threads > 1 else ''})", keys,
-            {k: v for k, v in base.items() if k != "data"}, results, failures,
-            warmup=args.warmup)
-        report = {"machine": meta, "cpu": cpu_json}
-        md = [cpu_md]
+        threads = f"{args.threads} thread{'s' if args.threads > 1 else ''}"
+        md, sections = [], []
+        for seq_len in args.seq_len:  # attention's share of the step grows with T: one ladder each
+            model = {k: getattr(args, k) for k in CPU_MODEL if k != "seq_len"}
+            base = ladder.default_base(**model, seq_len=seq_len, steps=args.steps, data=data)
+            results, failures = run_ladder(keys, base, warmup=args.warmup, threads=args.threads,
+                                           workdir=tmp, timeout_s=args.timeout)
+            cpu_md, cpu_json, cpu_ok = section(
+                f"CPU ladder, T={seq_len} ({threads})", keys,
+                {k: v for k, v in base.items() if k != "data"}, results, failures,
+                warmup=args.warmup)
+            md.append(cpu_md)
+            sections.append((cpu_json, cpu_ok))
+        ok = all(section_ok for _, section_ok in sections)
+        cpu_json = max((j for j, _ in sections), key=lambda j: j["base"]["seq_len"])
+        report = {"machine": meta, "cpu": cpu_json,  # "cpu": the longest context (animation)
+                  "cpu_by_seq_len": {str(j["base"]["seq_len"]): j for j, _ in sections}}
         if use_gpu:
             gpu_keys = [r.key for r in ladder.GPU_RUNGS]
             gbase = ladder.default_base(**GPU_MODEL, data=data, warmup_steps=5)
@@ -189,7 +208,8 @@ def main(argv=None):
         f"cores), torch {meta['torch']}, GPU: {meta['gpu'] or 'none'}; "
         f"{time.perf_counter() - t_start:.0f} s in all.", "",
         f"Model: {cfg['n_layer']} layers, {cfg['n_head']} heads, width {cfg['n_embd']}, "
-        f"B={cfg['batch_size']}, T={cfg['seq_len']}, {cfg['steps']} steps per rung, each rung in "
+        f"B={cfg['batch_size']}, T in {{{', '.join(map(str, args.seq_len))}}} (one ladder per "
+        f"context length), {cfg['steps']} steps per rung, each rung in "
         "a fresh process. tokens/s = median of the per-step values after "
         f"{args.warmup} warm-up steps (compile happens in step 0 and is excluded; 'first step s' "
         "shows it). Peak memory = the process's peak RSS (CPU) or torch.cuda.max_memory_allocated "
