@@ -214,7 +214,7 @@ def write_atomic(path, text):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[512, 1024, 2048, 4096])
-    parser.add_argument("--repeats", type=int, default=3, help="timed passes per cell (median)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed passes per cell (median)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads per cell (default 1: steadier on a shared 2-core CPU)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda")

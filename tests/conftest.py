@@ -6,6 +6,7 @@ Profiles are chosen with the HYPOTHESIS_PROFILE environment variable:
 """
 import os
 
+import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
@@ -29,3 +30,13 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 # Two cores are shared by the test process and the processes it spawns: one thread each keeps
 # timings of the suite predictable and avoids oversubscription.
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def data_bin(tmp_path_factory):
+    """A small token file (200 kB of the default corpus) shared by the trainer tests."""
+    from minitrain.data import default_corpus, pretokenize
+
+    path = tmp_path_factory.mktemp("data") / "data.bin"
+    pretokenize(default_corpus(max_bytes=200_000), path)
+    return str(path)

@@ -1,9 +1,7 @@
 """The trainer (minitrain.train): metrics, checkpoints, precisions, CLI, exact kill-and-resume."""
 import dataclasses
-import json
 import multiprocessing
 import os
-import pathlib
 import signal
 import time
 
@@ -13,10 +11,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from minitrain.checkpointing import load_checkpoint
-from minitrain.data import default_corpus, pretokenize
 from minitrain.train import (ConfigError, RunResult, TrainConfig, build_parser, lm_loss, main,
                              train)
 from tests.strategies import seeds
+from tests.trainer_helpers import read_metrics, tiny_config
 
 pytestmark = pytest.mark.trainer
 CONTRACT_FIELDS = dict(
@@ -29,25 +27,6 @@ METRIC_FIELDS = {"step", "loss", "lr", "grad_norm", "clipped", "skipped", "scale
                  "peak_mem_bytes"}
 
 
-@pytest.fixture(scope="module")
-def data_bin(tmp_path_factory):
-    """A small token file (200 kB of the default corpus) shared by the trainer tests."""
-    path = tmp_path_factory.mktemp("data") / "data.bin"
-    pretokenize(default_corpus(max_bytes=200_000), path)
-    return str(path)
-
-
-def tiny(data_bin, out_dir, **overrides):
-    cfg = dict(steps=7, batch_size=4, seq_len=32, n_layer=1, n_head=2, n_embd=32, warmup_steps=2,
-               eval_every=3, eval_iters=2, checkpoint_every=3, log_every=0, data=data_bin,
-               out_dir=str(out_dir))
-    cfg.update(overrides)
-    return TrainConfig(**cfg)
-
-
-def read_metrics(out_dir):
-    lines = (pathlib.Path(out_dir) / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines]
 
 
 def test_config_has_contract_fields_and_defaults():
@@ -60,7 +39,7 @@ def test_config_has_contract_fields_and_defaults():
 def test_metrics_checkpoint_and_result(data_bin, tmp_path):
     """One metrics line per step with every contract field (val_loss on eval steps and the last);
     the checkpoint loads with weights_only=True and holds only plain types; RunResult agrees."""
-    result = train(tiny(data_bin, tmp_path))
+    result = train(tiny_config(data_bin, tmp_path))
     assert isinstance(result, RunResult)
     records = read_metrics(tmp_path)
     assert [r["step"] for r in records] == list(range(7))
@@ -97,7 +76,7 @@ def test_precision_and_accumulation_smoke(data_bin, tmp_path, overrides):
     """fp16 (+GradScaler), bf16 and accumulation train: finite losses that go down, a line per
     step, fp16 logs the scaler's scale (65536 at the start) and its checkpoint (weights_only)
     holds the scaler's state."""
-    result = train(tiny(data_bin, tmp_path, steps=6, max_lr=3e-3, **overrides))
+    result = train(tiny_config(data_bin, tmp_path, steps=6, max_lr=3e-3, **overrides))
     records = read_metrics(tmp_path)
     assert len(records) == 6 and all(r["loss"] is not None for r in records)
     assert result.final_loss < records[0]["loss"]
@@ -113,8 +92,8 @@ def test_precision_and_accumulation_smoke(data_bin, tmp_path, overrides):
 
 def test_loop_and_vectorized_batching_train_identically(data_bin, tmp_path):
     """batching='loop' and 'vectorized' (and memmap vs RAM) give bit-identical losses."""
-    a = train(tiny(data_bin, tmp_path / "a", steps=3))
-    b = train(tiny(data_bin, tmp_path / "b", steps=3, batching="loop", loader="memmap"))
+    a = train(tiny_config(data_bin, tmp_path / "a", steps=3))
+    b = train(tiny_config(data_bin, tmp_path / "b", steps=3, batching="loop", loader="memmap"))
     assert a.losses == b.losses
 
 
@@ -124,7 +103,7 @@ def test_resume_continues_exactly_in_process(data_bin, tmp_path, monkeypatch):
     per step, and the losses equal an uninterrupted run's. A finished run resumes to a no-op."""
     import minitrain.train as train_module
 
-    ref = train(tiny(data_bin, tmp_path / "ref", steps=9))
+    ref = train(tiny_config(data_bin, tmp_path / "ref", steps=9))
     out = tmp_path / "part"
     real_save = train_module._save
 
@@ -140,23 +119,23 @@ def test_resume_continues_exactly_in_process(data_bin, tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_module, "_save", dying_save)
     with pytest.raises(Killed):
-        train(tiny(data_bin, out, steps=9))
+        train(tiny_config(data_bin, out, steps=9))
     monkeypatch.setattr(train_module, "_save", real_save)
     assert load_checkpoint(out / "checkpoint.pt")["step"] == 6
-    resumed = train(tiny(data_bin, out, steps=9, resume=True))
+    resumed = train(tiny_config(data_bin, out, steps=9, resume=True))
     assert resumed.start_step == 6 and resumed.steps_run == 3
     assert [r["step"] for r in read_metrics(out)] == list(range(9))
     assert resumed.losses == ref.losses and resumed.final_val_loss == ref.final_val_loss
-    again = train(tiny(data_bin, out, steps=9, resume=True))
+    again = train(tiny_config(data_bin, out, steps=9, resume=True))
     assert again.steps_run == 0 and again.losses == ref.losses
     assert again.final_val_loss == ref.final_val_loss
 
 
 def test_resume_with_a_different_config_is_refused(data_bin, tmp_path):
     """--resume with a setting that changes the numbers raises ConfigError naming that field."""
-    train(tiny(data_bin, tmp_path, steps=3))
+    train(tiny_config(data_bin, tmp_path, steps=3))
     with pytest.raises(ConfigError, match="max_lr"):
-        train(tiny(data_bin, tmp_path, steps=3, max_lr=5e-3, resume=True))
+        train(tiny_config(data_bin, tmp_path, steps=3, max_lr=5e-3, resume=True))
 
 
 def test_kill_and_resume_is_bit_exact(data_bin, tmp_path):
@@ -166,10 +145,10 @@ def test_kill_and_resume_is_bit_exact(data_bin, tmp_path):
     clean up, as a crash or an out-of-memory kill would not."""
     steps = 100
     kw = dict(steps=steps, checkpoint_every=7, eval_every=20, eval_iters=1)
-    ref = train(tiny(data_bin, tmp_path / "ref", **kw))
+    ref = train(tiny_config(data_bin, tmp_path / "ref", **kw))
     out = tmp_path / "killed"
     ctx = multiprocessing.get_context("fork")
-    proc = ctx.Process(target=train, args=(tiny(data_bin, out, **kw),))
+    proc = ctx.Process(target=train, args=(tiny_config(data_bin, out, **kw),))
     proc.start()
     metrics = out / "metrics.jsonl"
     deadline = time.monotonic() + 60
@@ -184,7 +163,7 @@ def test_kill_and_resume_is_bit_exact(data_bin, tmp_path):
     assert proc.exitcode == -signal.SIGKILL, "the run ended before it could be killed"
     logged = metrics.read_text().count("\n")
     assert 20 <= logged < steps
-    resumed = train(tiny(data_bin, out, resume=True, **kw))
+    resumed = train(tiny_config(data_bin, out, resume=True, **kw))
     assert 0 < resumed.start_step <= logged
     records = read_metrics(out)
     assert [r["step"] for r in records] == list(range(steps))
@@ -233,7 +212,7 @@ def test_cli_bad_values_one_line(argv, flag, capsys, tmp_path):
 def test_train_raises_value_error_naming_field(data_bin, tmp_path):
     """train() itself raises a ValueError naming the bad field (no CLI involved)."""
     for field, value in [("accum_steps", 0), ("precision", "fp64"), ("seq_len", 10**7)]:
-        cfg = dataclasses.replace(tiny(data_bin, tmp_path), **{field: value})
+        cfg = dataclasses.replace(tiny_config(data_bin, tmp_path), **{field: value})
         with pytest.raises(ValueError, match=field):
             train(cfg)
 

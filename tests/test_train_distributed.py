@@ -8,27 +8,16 @@ import sys
 
 import pytest
 
-from minitrain.data import default_corpus, pretokenize
 from minitrain.distributed_utils import launch
-from minitrain.train import TrainConfig, train
+from minitrain.train import train
+from tests.trainer_helpers import tiny_config
 
 pytestmark = [pytest.mark.trainer, pytest.mark.distributed]
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def data_bin(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "data.bin"
-    pretokenize(default_corpus(max_bytes=200_000), path)
-    return str(path)
-
-
 def tiny(data_bin, out_dir, **overrides):
-    cfg = dict(steps=6, batch_size=4, seq_len=32, n_layer=1, n_head=2, n_embd=32, warmup_steps=2,
-               eval_every=3, eval_iters=2, checkpoint_every=3, log_every=0, data=data_bin,
-               out_dir=str(out_dir))
-    cfg.update(overrides)
-    return TrainConfig(**cfg)
+    return tiny_config(data_bin, out_dir, **{"steps": 6, **overrides})
 
 
 def _rank_train(rank, world, cfg):
