@@ -52,6 +52,7 @@ def plot(result, path):
     vs, vl = zip(*result.val_losses)
     ax_loss.plot(vs, vl, "o-", color=GOLD, lw=2, label="validation loss")
     ax_loss.axhline(math.log(256), color=MUTED, ls="--", lw=1, label="ln 256 (uniform guess)")
+    ax_loss.set_ylim(top=math.log(256) + 0.25)  # keep the uniform-guess line in view
     ax_loss.set_ylabel("loss (nats / byte)", color=TEXT)
     ax_loss.legend(frameon=False)
     ax_lr.plot(steps, result.lrs, color=NAVY)
