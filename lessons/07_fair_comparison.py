@@ -101,8 +101,8 @@ def main():
     a, b = results["fp32"], results["bf16 autocast"]
     ratio = b["fair_tps"] / a["fair_tps"]
     print(f"bf16 autocast / fp32 speed (fair): {ratio:.2f}x "
-          + ("(SLOWER here: at this small size the casts cost more than the matmuls save (bf16 "
-             "a CPU with bf16 units; a negative result is a result)" if ratio < 1 else
+          + ("(SLOWER here: at this small size the casts cost more than the matmuls save, "
+             "with or without bf16 units; a negative result is a result)" if ratio < 1 else
              "(faster here: this CPU's bf16 matmuls pay for the casts)"))
 
     print("\nrun metadata")
