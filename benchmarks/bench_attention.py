@@ -39,7 +39,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from minitrain.attention import flash_attention, naive_attention  # noqa: E402
-from minitrain.bench import machine_metadata  # noqa: E402
+from minitrain.bench import machine_metadata, proc_status_bytes, write_text_atomic  # noqa: E402
 
 METHODS = ("naive", "flash", "sdpa")
 BATCH, HEADS, HEAD_DIM, FLASH_BLOCK = 1, 4, 64, 64
@@ -56,13 +56,6 @@ def attention_fn(method):
     return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
-def _status_bytes(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(field)
-
 
 def peak_extra_bytes(step, device):
     """Run step() once; return (peak bytes it added, how that was measured)."""
@@ -74,11 +67,11 @@ def peak_extra_bytes(step, device):
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before, "torch.cuda.max_memory_allocated"
     try:
-        rss_before = _status_bytes("VmRSS")
+        rss_before = proc_status_bytes("VmRSS")
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset the peak resident set (VmHWM) to the current one
         step()
-        return _status_bytes("VmHWM") - rss_before, "VmHWM - VmRSS (clear_refs)"
+        return proc_status_bytes("VmHWM") - rss_before, "VmHWM - VmRSS (clear_refs)"
     except OSError:
         import resource
 
@@ -204,12 +197,6 @@ def render_markdown(cells, summary, meta, command):
     return "\n".join(lines)
 
 
-def write_atomic(path, text):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -244,12 +231,12 @@ def main(argv=None):
     summary = summarize(cells, args.seq_lens)
     meta = machine_metadata(dtype="float32")
     markdown = render_markdown(cells, summary, meta, command)
-    write_atomic(args.out_dir / "attention.md", markdown)
+    write_text_atomic(args.out_dir / "attention.md", markdown)
     record = {"machine": meta, "command": command, "config": dict(
         batch=BATCH, heads=HEADS, head_dim=HEAD_DIM, causal=True, flash_block=FLASH_BLOCK,
         repeats=args.repeats, threads=args.threads, device=args.device),
         "cells": cells, "summary": summary, "seconds": time.perf_counter() - t0}
-    write_atomic(args.out_dir / "attention.json", json.dumps(record, indent=2) + "\n")
+    write_text_atomic(args.out_dir / "attention.json", json.dumps(record, indent=2) + "\n")
     print("Targets" + markdown.split("## Targets")[1].split("Why flash")[0].rstrip())
     print(f"wrote {args.out_dir / 'attention.md'} and attention.json in {record['seconds']:.0f} s")
     if args.strict and not (summary["memory_target_met"] and summary["time_target_met"]):

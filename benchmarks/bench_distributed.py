@@ -15,7 +15,6 @@ Exit status: non-zero when a validation fails (a wrong result never gets a time)
 timing target is reported, not hidden, and does not change the exit status.
 """
 import json
-import os
 import pathlib
 import statistics
 import subprocess
@@ -25,7 +24,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from minitrain.bench import machine_metadata
+from minitrain.bench import machine_metadata, write_text_atomic
 from minitrain.collectives import ring_all_reduce
 from minitrain.distributed_utils import compare_ddp_modes, launch, train_with_stage
 
@@ -107,11 +106,6 @@ def bench_zero(world=2):
     return rows
 
 
-def _write_atomic(path, text):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
 
 def main():
     OUT.mkdir(parents=True, exist_ok=True)
@@ -167,8 +161,8 @@ def main():
               for name, value, limit in targets]
     lines += ["", f"Wall time {meta['wall_s']:.0f} s."]
     report = "\n".join(lines) + "\n"
-    _write_atomic(OUT / "distributed.md", report)
-    _write_atomic(OUT / "distributed.json", json.dumps(
+    write_text_atomic(OUT / "distributed.md", report)
+    write_text_atomic(OUT / "distributed.json", json.dumps(
         {"meta": meta, "collectives": coll, "ddp": ddp, "zero": zero,
          "targets": [{"name": n, "value": v, "limit": lim, "met": v <= lim}
                      for n, v, lim in targets]}, indent=1))

@@ -42,7 +42,7 @@ import torch
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from minitrain import ladder  # noqa: E402
-from minitrain.bench import machine_metadata  # noqa: E402
+from minitrain.bench import machine_metadata, write_text_atomic  # noqa: E402
 
 OUT_DIR = ROOT / "outputs" / "bench"
 TARGET = 5.0  # best rung >= 5x rung 0 (issue 4)
@@ -221,11 +221,8 @@ def main(argv=None):
         ""]
     text = "\n".join(header + md)
     report["elapsed_s"] = time.perf_counter() - t_start
-    for name, content in (("ladder.md", text), ("ladder.json",
-                                                json.dumps(report, indent=2) + "\n")):
-        tmp_path = out_dir / (name + ".partial")
-        tmp_path.write_text(content)
-        os.replace(tmp_path, out_dir / name)
+    write_text_atomic(out_dir / "ladder.md", text)
+    write_text_atomic(out_dir / "ladder.json", json.dumps(report, indent=2) + "\n")
     print(text)
     return 0 if ok else 1
 

@@ -36,7 +36,7 @@ import torch
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from minitrain.bench import machine_metadata, measure  # noqa: E402
+from minitrain.bench import machine_metadata, measure, write_text_atomic  # noqa: E402
 from minitrain.data import (default_corpus, get_batch, get_batch_loop, load_tokens,  # noqa: E402
                             pretokenize)
 
@@ -184,12 +184,6 @@ def render(meta, rm, cold_ok, lv, target_met):
     return "\n".join(lines) + "\n"
 
 
-def write_atomic(path, text):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
 
 def main():
     torch.set_num_threads(1)
@@ -203,8 +197,8 @@ def main():
     target_met = at_target["speedup"] >= TARGET_RATIO
     meta = machine_metadata(dtype="uint16 tokens -> int64")
     text = render(meta, rm, cold_ok, lv, target_met)
-    write_atomic(OUT_DIR / "loaders.md", text)
-    write_atomic(OUT_DIR / "loaders.json", json.dumps(
+    write_text_atomic(OUT_DIR / "loaders.md", text)
+    write_text_atomic(OUT_DIR / "loaders.json", json.dumps(
         {"machine": meta, "tokens_in_file": n, "seq_len": SEQ_LEN,
          "ram_vs_memmap": rm, "cold_page_cache_measured": cold_ok,
          "loop_vs_vectorized": lv,

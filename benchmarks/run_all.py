@@ -28,6 +28,9 @@ import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from minitrain.bench import write_text_atomic  # noqa: E402
+
 DEFAULT_BENCH_DIR = ROOT / "benchmarks"
 DEFAULT_OUT_DIR = ROOT / "outputs" / "bench"
 
@@ -56,12 +59,6 @@ def run_script(script, *, timeout_s, cwd, env=None):
     return {"script": script.name, "passed": returncode == 0, "returncode": returncode,
             "seconds": seconds, "stdout": stdout, "stderr": stderr}
 
-
-def _write_atomic(path, text):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _git_commit():
@@ -138,10 +135,10 @@ def main(argv=None):
                                                  else "")
     index = render_index(results, out_dir=args.out_dir, machine=machine, commit=_git_commit(),
                          command=command)
-    _write_atomic(args.out_dir / "README.md", index)
+    write_text_atomic(args.out_dir / "README.md", index)
     summary = {"machine": machine, "results": [
         {k: r[k] for k in ("script", "passed", "returncode", "seconds")} for r in results]}
-    _write_atomic(args.out_dir / "run_all.json", json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(args.out_dir / "run_all.json", json.dumps(summary, indent=2) + "\n")
     failed = [r["script"] for r in results if not r["passed"]]
     print(f"run_all: {len(results) - len(failed)}/{len(results)} passed"
           + (f"; FAILED: {', '.join(failed)}" if failed else ""))

@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from minitrain.attention import flash_attention, naive_attention
+from minitrain.bench import proc_status_bytes
 
 OUT_DIR = pathlib.Path("outputs/lesson08")
 SEQ_LENS = (256, 512, 1024)
@@ -66,22 +67,15 @@ def attention_fn(method):
     return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
-def _status_bytes(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(field)
-
 
 def measure_peak_extra_bytes(step):
     """Run step() once; return (peak resident bytes added by it, how it was measured)."""
     try:
-        rss_before = _status_bytes("VmRSS")
+        rss_before = proc_status_bytes("VmRSS")
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM (the peak RSS) to the current RSS
         step()
-        return _status_bytes("VmHWM") - rss_before, "VmHWM after clear_refs"
+        return proc_status_bytes("VmHWM") - rss_before, "VmHWM after clear_refs"
     except OSError:
         unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -19,6 +19,7 @@ Common bug: timing `loss = model(x)` without `loss.item()` or a synchronize on G
 measures kernel launch time only.
 """
 import os
+import pathlib
 import platform
 import statistics
 import time
@@ -79,6 +80,26 @@ def measure(step_fn, *, tokens_per_step, warmup=3, iters=10):
         "warmup": warmup,
         "iters": iters,
     }
+
+
+def write_text_atomic(path, text):
+    """Write `text` to `path` via a temp file in the same folder and `os.replace`, so a killed
+    benchmark never leaves a half-written table behind. Creates the parent folders."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def proc_status_bytes(field):
+    """A memory field of /proc/self/status in bytes (Linux), e.g. "VmRSS" (resident now) or
+    "VmHWM" (the resident high-water mark). KeyError when the field is absent."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
 
 
 def _cpu_model():
