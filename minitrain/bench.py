@@ -22,6 +22,7 @@ import os
 import pathlib
 import platform
 import statistics
+import sys
 import time
 
 import torch
@@ -100,6 +101,19 @@ def proc_status_bytes(field):
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     raise KeyError(field)
+
+
+def peak_memory_bytes(device="cpu"):
+    """Peak memory of this process so far: CUDA `torch.cuda.max_memory_allocated(device)`;
+    CPU the peak resident set size (ru_maxrss: KiB on Linux, bytes on macOS); 0 off POSIX."""
+    if torch.device(device).type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return 0
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
 
 
 def _cpu_model():
