@@ -44,7 +44,8 @@ Classic bugs this module guards against:
 """
 import math
 
-__all__ = ["warmup_cosine", "set_lr", "WarmupCosine"]
+__all__ = ["warmup_cosine", "set_lr", "WarmupCosine", "step_decay", "one_cycle", "LambdaSchedule",
+           "ReduceOnPlateau"]
 
 
 def _check(step, max_lr, total_steps, warmup_steps, min_lr):
@@ -154,3 +155,118 @@ class WarmupCosine:
         for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
             group["lr"] = lr
         self._last_lr = list(lrs)
+
+
+# --- the notebook's other schedules -------------------------------------------------------------
+# Each is a pure function of the step (or, for the plateau rule, a small object fed the metric),
+# proven equal to its torch scheduler in tests/test_schedules_compared.py. Lesson 27 runs all five.
+#   step decay   lr = lr0 * gamma ** (step // step_size)                     (torch StepLR)
+#   one-cycle    warm up from max_lr/div to max_lr over pct_start of the run, then anneal to
+#                max_lr/(div*final_div)                                      (torch OneCycleLR)
+#   lambda       lr = lr0 * fn(step), any function you write                 (torch LambdaLR)
+#   plateau      lr *= factor when the metric has not improved for `patience` evaluations
+#                                                                            (ReduceLROnPlateau)
+
+def step_decay(step, *, lr, step_size, gamma=0.1):
+    """StepLR: the lr is multiplied by gamma every step_size steps."""
+    if step < 0 or step_size < 1 or lr < 0 or gamma < 0:
+        raise ValueError(f"need step >= 0, step_size >= 1, lr >= 0, gamma >= 0; got step={step}, "
+                         f"step_size={step_size}, lr={lr}, gamma={gamma}")
+    return lr * gamma ** (step // step_size)
+
+
+def one_cycle(step, *, max_lr, total_steps, pct_start=0.3, div_factor=25.0,
+              final_div_factor=1e4, anneal="cos"):
+    """OneCycleLR (two phases): initial = max_lr/div_factor rises to max_lr at step
+    pct_start*total_steps - 1, then falls to initial/final_div_factor at step total_steps - 1."""
+    if not 0 <= step <= total_steps:
+        raise ValueError(f"step must be in [0, total_steps={total_steps}], got {step}")
+    if not 0 < pct_start < 1:
+        raise ValueError(f"pct_start must be in (0, 1), got {pct_start}")
+    if anneal not in ("cos", "linear"):
+        raise ValueError(f"anneal must be 'cos' or 'linear', got {anneal!r}")
+    initial = max_lr / div_factor
+    phases = [(float(pct_start * total_steps) - 1, initial, max_lr),
+              (total_steps - 1, max_lr, initial / final_div_factor)]
+    start = 0.0
+    for i, (end, lr_from, lr_to) in enumerate(phases):
+        if step <= end or i == len(phases) - 1:
+            pct = (step - start) / (end - start)
+            if anneal == "linear":
+                return (lr_to - lr_from) * pct + lr_from
+            return lr_to + (lr_from - lr_to) / 2.0 * (math.cos(math.pi * pct) + 1)
+        start = end
+
+
+class LambdaSchedule:
+    """Any pure schedule as a scheduler object: lr = base_lr * fn(step) (torch's LambdaLR), with
+    the same call pattern as WarmupCosine (lr of step 0 set at construction, .step() after
+    optimizer.step())."""
+
+    def __init__(self, optimizer, fn):
+        self.optimizer, self.fn = optimizer, fn
+        self.base_lrs = [float(group["lr"]) for group in optimizer.param_groups]
+        self.last_epoch = -1
+        self.step()
+
+    def step(self):
+        self.last_epoch += 1
+        factor = self.fn(self.last_epoch)
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            group["lr"] = base * factor
+
+    def get_last_lr(self):
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def state_dict(self):
+        return {"last_epoch": self.last_epoch, "base_lrs": list(self.base_lrs)}
+
+    def load_state_dict(self, state):
+        self.base_lrs = [float(x) for x in state["base_lrs"]]
+        self.last_epoch = int(state["last_epoch"]) - 1
+        self.step()
+
+
+class ReduceOnPlateau:
+    """Multiply every group's lr by `factor` when `metric` (lower is better for mode="min") has
+    not improved by more than `threshold` (relative or absolute) for more than `patience` calls
+    of `.step(metric)`; then wait `cooldown` calls. Never below `min_lr`; changes smaller than
+    `eps` are ignored. The rule of torch.optim.lr_scheduler.ReduceLROnPlateau."""
+
+    def __init__(self, optimizer, *, mode="min", factor=0.1, patience=10, threshold=1e-4,
+                 threshold_mode="rel", cooldown=0, min_lr=0.0, eps=1e-8):
+        if not 0 <= factor < 1:
+            raise ValueError(f"factor must be in [0, 1), got {factor}")
+        if mode not in ("min", "max") or threshold_mode not in ("rel", "abs"):
+            raise ValueError(f"mode must be min|max and threshold_mode rel|abs, got {mode!r}, "
+                             f"{threshold_mode!r}")
+        self.optimizer, self.mode, self.factor, self.patience = optimizer, mode, factor, patience
+        self.threshold, self.threshold_mode, self.cooldown = threshold, threshold_mode, cooldown
+        self.min_lr, self.eps = min_lr, eps
+        self.best = math.inf if mode == "min" else -math.inf
+        self.bad_steps, self.cooldown_left = 0, 0
+
+    def _improved(self, value):
+        sign = 1.0 if self.mode == "min" else -1.0  # "max" mode: improving means going up
+        if self.threshold_mode == "rel":
+            return sign * value < sign * self.best * (1.0 - sign * self.threshold)
+        return sign * value < sign * self.best - self.threshold
+
+    def step(self, metric):
+        value = float(metric)
+        if self._improved(value):
+            self.best, self.bad_steps = value, 0
+        else:
+            self.bad_steps += 1
+        if self.cooldown_left > 0:
+            self.cooldown_left -= 1
+            self.bad_steps = 0  # bad evaluations during the cooldown do not count
+        if self.bad_steps > self.patience:
+            for group in self.optimizer.param_groups:
+                new_lr = max(float(group["lr"]) * self.factor, self.min_lr)
+                if group["lr"] - new_lr > self.eps:
+                    group["lr"] = new_lr
+            self.cooldown_left, self.bad_steps = self.cooldown, 0
+
+    def get_last_lr(self):
+        return [group["lr"] for group in self.optimizer.param_groups]
