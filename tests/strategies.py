@@ -29,3 +29,14 @@ def tensors(draw, shape=None, dtype=torch.float64, scale=10.0, noncontiguous=Non
         swapped = (*shape[:-2], shape[-1], shape[-2])
         return (torch.randn(*swapped, generator=gen, dtype=dtype) * scale).transpose(-1, -2)
     return torch.randn(*shape, generator=gen, dtype=dtype) * scale
+
+
+@st.composite
+def gpt_shapes(draw, max_layer=2, max_head=3, max_head_size=8, max_seq=9, max_batch=3):
+    """A tiny GPT's sizes: dict(n_layer, n_head, n_embd, vocab_size, batch, seq_len); the
+    vocab and context are often odd (not a multiple of anything), seq_len 1 included."""
+    n_head = draw(st.integers(1, max_head))
+    return dict(n_layer=draw(st.integers(1, max_layer)), n_head=n_head,
+                n_embd=n_head * draw(st.integers(1, max_head_size)),
+                vocab_size=draw(st.integers(2, 300)), batch=draw(st.integers(1, max_batch)),
+                seq_len=draw(st.integers(1, max_seq)))
