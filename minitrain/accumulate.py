@@ -22,7 +22,9 @@ token of a full micro-batch), and the result is no longer the gradient of any ba
 Lesson 06 measures the difference.
 
 When it helps: whenever the batch you want does not fit in memory; it trades time (K sequential
-passes) for memory. It is also the default "more batch" knob in DDP (combine with `no_sync()`).
+passes) for memory. It is also the default "more batch" knob in DDP: pass `no_sync=ddp.no_sync`
+and micro-batches 0..K-2 run inside it (gradients only add up locally), so only the last
+backward pays for the all-reduce, once for the whole sum.
 
 Common bugs: zeroing the gradients inside the accumulation loop (keeps only the last
 micro-batch); stepping the optimizer every micro-batch; forgetting the 1/K (or n_k/N) weight, so
@@ -31,6 +33,8 @@ counting `total_steps` of the lr schedule in micro-batches instead of optimizer 
 
 This function neither zeroes gradients nor steps: the caller owns the loop.
 """
+import contextlib
+
 import torch
 
 __all__ = ["accumulate_gradients", "IGNORE_INDEX"]
@@ -38,13 +42,15 @@ __all__ = ["accumulate_gradients", "IGNORE_INDEX"]
 IGNORE_INDEX = -100
 
 
-def accumulate_gradients(model, micro_batches, loss_fn, *, scaler=None):
+def accumulate_gradients(model, micro_batches, loss_fn, *, scaler=None, no_sync=None):
     """Backpropagate each micro-batch with weight n_k / N; return the mean loss over the batch.
 
     micro_batches: iterable of (x, y); y holds targets, IGNORE_INDEX (-100) where not counted.
     loss_fn(model(x), y): that micro-batch's mean loss over its counted targets (a 0-dim tensor).
     scaler: optional GradScaler; each weighted loss goes through `scaler.scale(...)` before
     backward (the gradients are then scaled; unscale them before clipping).
+    no_sync: optional callable returning a context manager (e.g. `DDP.no_sync`); the forward and
+    backward of every micro-batch but the last run inside it.
     """
     micro_batches = list(micro_batches)           # two passes: count first, then backward
     if not micro_batches:
@@ -57,12 +63,15 @@ def accumulate_gradients(model, micro_batches, loss_fn, *, scaler=None):
     total = sum(counts)                           # N: counted targets in the whole batch
     if total == 0:
         raise ValueError("micro_batches has no counted target (all are -100): nothing to learn from")
+    last = max(k for k, n_k in enumerate(counts) if n_k > 0)  # the backward that synchronises
     mean_loss = 0.0
-    for (x, y), n_k in zip(micro_batches, counts):
+    for k, ((x, y), n_k) in enumerate(zip(micro_batches, counts)):
         if n_k == 0:
             continue                              # its mean loss is nan (0/0); its weight is 0
-        loss_k = loss_fn(model(x), y)             # () mean over this micro-batch's counted targets
-        weighted = loss_k * (n_k / total)         # () its share of the full-batch mean
-        (scaler.scale(weighted) if scaler is not None else weighted).backward()
+        local = no_sync is not None and k < last
+        with no_sync() if local else contextlib.nullcontext():
+            loss_k = loss_fn(model(x), y)         # () mean over this micro-batch's counted targets
+            weighted = loss_k * (n_k / total)     # () its share of the full-batch mean
+            (scaler.scale(weighted) if scaler is not None else weighted).backward()
         mean_loss += float(loss_k.detach()) * n_k / total
     return mean_loss

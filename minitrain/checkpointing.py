@@ -14,49 +14,35 @@ if *every* input of the next step is restored, not just the weights:
 - torch / numpy / python RNG states    -> dropout masks and anything else random
 
 Why atomic. `torch.save` straight onto `checkpoint.pt` and a kill halfway leaves a truncated file:
-the only checkpoint is now garbage. We write `checkpoint.pt.<random>.tmp` in the same directory,
-fsync it, then `os.replace` it over the old one: POSIX rename is atomic, so at every moment the
-path holds either the previous complete checkpoint or the new complete one.
+the only checkpoint is now garbage. `minitrain.files.write_atomic` writes
+`checkpoint.pt.<random>.tmp` in the same directory, fsyncs it, then `os.replace`s it over the old
+one: POSIX rename is atomic, so at every moment the path holds either the previous complete
+checkpoint or the new complete one.
 
 Why weights_only. `torch.load` of an untrusted pickle can run arbitrary code; `weights_only=True`
 only rebuilds tensors, dicts, lists, tuples, str, int, float, bool and None. So the checkpoint
 holds only those (the config as a plain dict, RNG states as tensors/lists/ints).
 
+Why a checksum and a finiteness check. A checkpoint with flipped bytes (a bad disk or copy)
+still unpickles; resuming from it changes the optimizer state without a word. `save_checkpoint`
+stores a sha256 of every tensor byte and value, `load_checkpoint` recomputes it. And a
+checkpoint holding inf/nan weights is never written: it would replace the last good one.
+
 Common bug: resuming the metrics file by appending. The steps between the last checkpoint and the
 kill were logged but are re-run after resume, so they would appear twice; we cut them first.
 """
+import copy
+import hashlib
 import json
 import os
 import pathlib
 import random
-import tempfile
 
 import numpy as np
 import torch
 
-
-def _atomic_replace(path, write_fn, mode="wb"):
-    """Call write_fn(file) on a temp file next to `path`, fsync, then atomically rename it."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def remove_stale_temp_files(directory, name):
-    """Delete `<name>.*.tmp` left behind by a run killed in the middle of an atomic write."""
-    for stale in pathlib.Path(directory).glob(f"{name}.*.tmp"):
-        stale.unlink(missing_ok=True)
+from minitrain.files import read_jsonl, write_atomic
+from minitrain.train_config import RESUME_FREE_FIELDS, ConfigError
 
 
 def rng_state(sampler_rng):
@@ -85,28 +71,134 @@ def set_rng_state(state, sampler_rng):
     sampler_rng.bit_generator.state = state["sampler"]
 
 
+FORMAT = 2  # 2: with "checksum"; format 1 (no checksum) still loads
+RUN_FILES = ("metrics.jsonl", "checkpoint.pt")  # what makes a folder "another run's"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: corrupt, truncated, foreign, or non-finite."""
+
+
+def _walk(obj, name=""):
+    """(name, leaf) pairs of a nested payload in a fixed order (dicts keep insertion order)."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _walk(v, f"{name}/{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _walk(v, f"{name}/{i}")
+    else:
+        yield name, obj
+
+
+def payload_checksum(payload):
+    """sha256 over every name, tensor byte and value of the payload ("checksum" left out): one
+    flipped bit anywhere in a weight or in Adam's state changes it."""
+    h = hashlib.sha256()
+    for name, leaf in _walk({k: v for k, v in payload.items() if k != "checksum"}):
+        h.update(name.encode())
+        if isinstance(leaf, torch.Tensor):
+            t = leaf.detach().cpu().contiguous()
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        else:
+            h.update(repr(leaf).encode())
+    return h.hexdigest()
+
+
+def nonfinite_tensors(payload, keys=("model", "optimizer")):
+    """Names of floating tensors under `keys` holding inf or nan (what must never be saved)."""
+    return [name for key in keys for name, leaf in _walk(payload.get(key), key)
+            if isinstance(leaf, torch.Tensor) and leaf.is_floating_point()
+            and not bool(torch.isfinite(leaf).all())]
+
+
 def save_checkpoint(path, payload):
-    """torch.save(payload) to `path` atomically (temp file + fsync + os.replace)."""
-    _atomic_replace(path, lambda f: torch.save(payload, f))
+    """torch.save(payload + its checksum) to `path` atomically (temp file + fsync + os.replace).
+    Refuses (CheckpointError, nothing written) a payload with a non-finite weight or state."""
+    bad = nonfinite_tensors(payload)
+    if bad:
+        raise CheckpointError(f"refusing to write {path}: {len(bad)} tensor(s) hold inf/nan "
+                              f"(first: {bad[0]}); the previous checkpoint is kept")
+    payload = {**payload, "checksum": payload_checksum(payload)}
+    write_atomic(path, write_fn=lambda f: torch.save(payload, f))
 
 
 def load_checkpoint(path, map_location="cpu"):
-    """torch.load(path, weights_only=True): only tensors and plain containers/scalars inside."""
-    return torch.load(path, map_location=map_location, weights_only=True)
+    """torch.load(path, weights_only=True), then checks it is a trainer checkpoint whose checksum
+    matches; every problem is one CheckpointError naming the file and the cause."""
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # truncated, zero bytes, not a torch file, unsafe pickle ...
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path} is not a readable checkpoint ({first[:120]}); delete it "
+                              "or start a fresh run without --resume") from None
+    if not isinstance(state, dict) or "format" not in state or "model" not in state:
+        raise CheckpointError(f"{path} is not a minitrain trainer checkpoint (a bare state_dict "
+                              "or another program's file); use a fresh --out-dir")
+    if state["format"] >= 2 and state.get("checksum") != payload_checksum(state):
+        raise CheckpointError(f"{path} fails its checksum: its bytes changed after it was "
+                              "written (disk or copy error); restore it or start a fresh run")
+    return state
 
 
-def read_metrics(path):
-    """The JSON records of a metrics.jsonl; a torn last line (killed mid-write) is ignored."""
-    path = pathlib.Path(path)
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
+def check_out_dir(out_dir, *, resume, overwrite):
+    """Refuse (ValueError) an out_dir that is a file, is not writable, or already holds another
+    run's files unless resume or overwrite says what to do with them. Changes nothing."""
+    out_dir = pathlib.Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"{out_dir} exists and is not a folder; choose another --out-dir")
+    existing = out_dir
+    while not existing.exists():  # the nearest folder that exists must let us create ours
+        existing = existing.parent
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{existing} is not writable; choose another --out-dir")
+    found = [n for n in RUN_FILES if (out_dir / n).exists()]
+    if found and not (resume or overwrite):
+        raise ValueError(f"{out_dir} already holds a run ({', '.join(found)}); pass --resume to "
+                         "continue it or --overwrite to replace it (or choose another --out-dir)")
+
+
+def check_resumable(state, cfg, world, data_print):
+    """Refuse (ConfigError, one line) a checkpoint whose numbers this run would silently change:
+    other settings, another world size (so another global batch), other token data."""
+    changed = sorted(k for k, v in state["config"].items()
+                     if k not in RESUME_FREE_FIELDS and getattr(cfg, k, v) != v)
+    if changed:
+        raise ConfigError(changed[0], f"differs from the checkpoint's config ({changed}); "
+                          "resume with the same settings or use a fresh out_dir")
+    saved_world = state.get("world_size", world)
+    if saved_world != world:
+        raise ConfigError("world_size", f"the checkpoint was written by {saved_world} "
+                          f"process(es) (a global batch of {saved_world * cfg.batch_size} "
+                          f"sequences), this run has {world}: resume with torchrun "
+                          f"--nproc_per_node {saved_world}")
+    saved_data = state.get("data", data_print)
+    if saved_data != data_print:
+        old, new = saved_data, data_print
+        raise ConfigError("data", f"the token data differ from the checkpoint's "
+                          f"({old['tokens']} tokens, sample {old['sample_sha256'][:12]} vs "
+                          f"{new['tokens']}, {new['sample_sha256'][:12]}); "
+                          "resume on the same data or use a fresh out_dir")
+
+
+class Snapshot:
+    """A copy of the state at the last checkpoint (or the start): what the trainer's
+    `--on-nonfinite rollback` returns to (`mode` is a `minitrain.parallel` mode, `precision` the
+    trainer's precision object; both only need state_dict / load_state_dict).
+    Deep copies both ways: the optimizer would otherwise keep stepping the saved tensors."""
+
+    def __init__(self, step, state, precision):
+        self.step = step
+        self.state = copy.deepcopy({"model": state["model"], "optimizer": state["optimizer"],
+                                    "scaler": precision.state_dict()})
+
+    def restore(self, mode, model, optimizer, precision, scheduler):
+        state = copy.deepcopy(self.state)
+        mode.load_state_dict(model, optimizer, state)
+        precision.load_state_dict(state["scaler"])
+        for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+            group["lr"] = lr  # the schedule goes on: the lr is this step's, not the snapshot's
 
 
 def truncate_metrics(path, next_step):
@@ -115,12 +207,12 @@ def truncate_metrics(path, next_step):
     Returns the kept records. Raises ValueError if a step in [0, next_step) has no record, since
     then "exactly one line per step" cannot be restored.
     """
-    kept = [r for r in read_metrics(path) if isinstance(r, dict) and r.get("step", -1) < next_step]
+    kept = [r for r in read_jsonl(path) if isinstance(r, dict) and r.get("step", -1) < next_step]
     steps = [r["step"] for r in kept]
     if steps != list(range(next_step)):
         raise ValueError(
             f"{path} does not hold exactly one line for each of steps 0..{next_step - 1} that the "
             "checkpoint covers; it was edited or deleted. Start a fresh run without --resume")
     text = "".join(json.dumps(r) + "\n" for r in kept)
-    _atomic_replace(path, lambda f: f.write(text), mode="w")
+    write_atomic(path, text)
     return kept

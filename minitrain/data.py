@@ -12,7 +12,7 @@ ids as raw `uint16` (2 bytes per token, `numpy.tofile`) means a run starts by re
 (`numpy.memmap`): nothing is read until a batch touches it, the OS page cache keeps hot pages,
 and a corpus larger than RAM still works. Lesson 02 measures the two.
 
-The batch formula (the contract; every row an independent random window):
+The batch formula (every row an independent random window):
 
     starts = rng.integers(0, len(data) - seq_len, size=batch_size)   # (B,)  high is exclusive
     x[i]   = data[starts[i]     : starts[i] + seq_len]                # (B, T) inputs
@@ -42,14 +42,16 @@ file in place, so a killed run leaves a truncated file that later loads silently
 file and `os.replace` it).
 """
 import hashlib
+import json
 import os
 import pathlib
 import sys
 import sysconfig
-import tempfile
 
 import numpy as np
 import torch
+
+from minitrain.files import write_atomic
 
 DEFAULT_CACHE_DIR = pathlib.Path(os.environ.get("MINITRAIN_CACHE", ".cache/minitrain"))
 
@@ -130,23 +132,6 @@ def default_corpus(max_bytes=None):
     return blob.decode("utf-8")
 
 
-def _atomic_write_array(array, path):
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(np.ascontiguousarray(array).tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0o600; a cache file is ordinary data
-        os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the whole new one
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def pretokenize(text, path, *, tokenizer=None, dtype=np.uint16):
     """Encode `text`, write the ids to `path` as raw `dtype` binary atomically; return the count."""
     tokenizer = ByteTokenizer() if tokenizer is None else tokenizer
@@ -161,7 +146,7 @@ def pretokenize(text, path, *, tokenizer=None, dtype=np.uint16):
     if vocab - 1 > np.iinfo(dtype).max:
         raise ValueError(f"dtype {dtype} cannot hold token ids up to {vocab - 1}; "
                          "use a wider dtype")
-    _atomic_write_array(ids.astype(dtype, copy=False), path)
+    write_atomic(path, np.ascontiguousarray(ids.astype(dtype, copy=False)).tobytes())
     return int(ids.size)
 
 
@@ -249,17 +234,46 @@ def get_batch_loop(data, batch_size, seq_len, *, rng, device="cpu"):
     return _to_device(x, device), _to_device(y, device)
 
 
+def rank_rows(batch, rank, per_rank):
+    """Rank `rank`'s rows of a global batch: rows rank*per_rank ... (rank+1)*per_rank - 1.
+
+    Every rank draws the same global batch (B*W, T) from the same seeded generator and keeps its
+    own slice, so the ranks never see the same window and together see exactly the batch one
+    process would have drawn."""
+    lo = rank * per_rank
+    return batch[lo:lo + per_rank]  # (per_rank, T)
+
+
+def _cache_is_whole(path):
+    """A cache file is used only if its sidecar `<name>.json` (written after it) says how many
+    tokens it must hold and the file holds exactly that many: a truncated or half-written cache
+    (a kill, a full disk, a copy cut short) is rebuilt instead of training on a fraction."""
+    meta = path.with_name(path.name + ".json")
+    if not (path.is_file() and meta.is_file()):
+        return False
+    try:
+        expected = int(json.loads(meta.read_text())["tokens"])
+    except (ValueError, KeyError, TypeError):
+        return False
+    return path.stat().st_size == expected * np.dtype(np.uint16).itemsize
+
+
+def _build_cache(text, path):
+    n = pretokenize(text, path)
+    write_atomic(path.with_name(path.name + ".json"), json.dumps({"tokens": n}) + "\n")
+
+
 def corpus_cache_path(cache_dir=None, *, max_bytes=None):
     """Pretokenize the default corpus once into `cache_dir` and return the .bin path.
 
     The file name records the Python version and `max_bytes`, so another Python (different
-    stdlib bytes) or size never reuses a stale cache. Later calls only check the file exists.
-    """
+    stdlib bytes) or size never reuses a stale cache; its sidecar `.json` records the token
+    count, so a truncated cache is rebuilt (see `_cache_is_whole`)."""
     cache_dir = pathlib.Path(DEFAULT_CACHE_DIR if cache_dir is None else cache_dir)
     version = ".".join(map(str, sys.version_info[:3]))
     path = cache_dir / f"stdlib-py{version}-{'all' if max_bytes is None else max_bytes}.bin"
-    if not path.is_file():
-        pretokenize(default_corpus(max_bytes), path)
+    if not _cache_is_whole(path):
+        _build_cache(default_corpus(max_bytes), path)
     return path
 
 
@@ -268,17 +282,27 @@ def corpus_tokens(cache_dir=None, *, max_bytes=None, mode="ram"):
     return load_tokens(corpus_cache_path(cache_dir, max_bytes=max_bytes), mode=mode)
 
 
-def load_dataset(data=None, *, mode="ram", cache_dir=None, max_bytes=None):
+def load_dataset(data=None, *, mode="ram", cache_dir=None, max_bytes=None, vocab_size=256):
     """Token ids for a trainer `data` setting: None = default corpus; `*.bin` = token file
     (uint16, as `pretokenize` writes); any other path = a UTF-8 text file, pretokenized once
-    into `cache_dir` under a name derived from its content hash."""
+    into `cache_dir` under a name derived from its content hash.
+
+    Raises ValueError (one line, naming the fix) for a missing file, a .bin that is not whole
+    uint16 tokens or holds ids >= vocab_size (e.g. a text file named .bin), and text that is
+    not UTF-8."""
     if data is None:
         return corpus_tokens(cache_dir, max_bytes=max_bytes, mode=mode)
     path = pathlib.Path(data)
     if not path.is_file():
         raise ValueError(f"data file {str(path)!r} does not exist")
     if path.suffix == ".bin":
-        return load_tokens(path, mode=mode)
+        tokens = load_tokens(path, mode=mode)
+        top = int(tokens.max()) if len(tokens) else 0
+        if top >= vocab_size:
+            raise ValueError(f"token file {str(path)!r} holds ids up to {top}, but the byte "
+                             f"vocabulary has {vocab_size} (ids 0..{vocab_size - 1}): write it "
+                             "with pretokenize(text, path), or give a text file a .txt name")
+        return tokens
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8")
@@ -287,6 +311,15 @@ def load_dataset(data=None, *, mode="ram", cache_dir=None, max_bytes=None):
                          "nor UTF-8 text") from None
     cache_dir = pathlib.Path(DEFAULT_CACHE_DIR if cache_dir is None else cache_dir)
     cached = cache_dir / f"text-{hashlib.sha1(raw).hexdigest()[:16]}.bin"
-    if not cached.is_file():
-        pretokenize(text, cached)
+    if not _cache_is_whole(cached):
+        _build_cache(text, cached)
     return load_tokens(cached, mode=mode)
+
+
+def fingerprint(tokens, *, samples=4096):
+    """{"tokens": len, "sample_sha256": hash of `samples` evenly spaced ids}: cheap for a 1 GB
+    memmap, and different for other data (resume refuses a checkpoint of another data set)."""
+    n = len(tokens)
+    index = np.linspace(0, max(n - 1, 0), num=min(samples, n), dtype=np.int64)  # (S,)
+    sample = np.asarray(tokens[index], dtype=np.uint16)
+    return {"tokens": int(n), "sample_sha256": hashlib.sha256(sample.tobytes()).hexdigest()}

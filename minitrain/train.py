@@ -2,15 +2,21 @@
 
 What. `train(TrainConfig(...))` trains the tiny GPT on byte tokens and returns a `RunResult`;
 `python -m minitrain.train --help` is the same as a command line (every field is a flag:
-`--max-lr 3e-4`, `--compile/--no-compile`, `--clip-norm none`). One optimizer step is:
+`--max-lr 3e-4`, `--compile/--no-compile`, `--clip-norm none`). Two objects are chosen ONCE at
+start-up, so the loop reads the same for every setting:
 
-    for each of accum_steps micro-batches (batch_size sequences each):   # minitrain.accumulate
-        forward under autocast (bf16 / fp16), backward of loss * n_k/N (* scale for fp16)
-    DDP: finish_gradient_synchronization()        # every rank now holds the averaged gradient
-    fp16: scaler.unscale_(optimizer)              # true gradients before measuring them
-    grad_norm = clip_grad_norm(params, clip_norm) # the norm BEFORE clipping is what we log
-    scaler.step(optimizer) / optimizer.step()     # fp16: skipped if a gradient was inf/nan
-    scaler.update(); scheduler.step(); optimizer.zero_grad()
+    mode = choose_parallel_mode(cfg, rank, world)    # minitrain.parallel: single/DDP/ZeRO-1/2/3
+    precision = choose_precision(cfg.precision, device)  # fp32 / bf16 autocast / fp16 + GradScaler
+
+and one optimizer step is:
+
+    loss = accumulate_gradients(forward, micro_batches, lm_loss,      # minitrain.accumulate
+                                scaler=precision.scaler, no_sync=mode.no_sync)
+    mode.after_backward(optimizer)                # DDP: finish the all-reduce; ZeRO-2: reduce
+    precision.unscale_(optimizer)                 # fp16: true gradients before measuring them
+    grad_norm = mode.clip(params, clip_norm)      # the norm BEFORE clipping is what we log
+    skipped = precision.step(optimizer)           # fp16: the scaler skips an inf/nan step
+    scheduler.step(); optimizer.zero_grad()
 
 So `batch_size` is per micro-batch and per rank; one step sees
 `tokens_per_step = batch_size * seq_len * accum_steps * world_size` tokens.
@@ -25,7 +31,7 @@ Choices, and why:
 - The lr schedule is warmup + cosine (`minitrain.schedule.WarmupCosine`) over `steps` optimizer
   steps. A step that the fp16 GradScaler skips (inf/nan gradient) STILL advances the schedule,
   as torch's schedulers do when `scaler.step` skips: the schedule counts steps, not updates.
-  We detect a skip by the scale going down in `scaler.update()` (it only backs off on inf/nan).
+  Whether a step was skipped is asked of the scaler (`GradScaler.last_step_skipped`).
 - Evaluation: `eval_iters` batches of the held-out split (the last `val_fraction` of the tokens,
   see `minitrain.data.split_tokens`), every `eval_every` steps and at the last step, always the
   SAME batches (a fresh generator seeded from `seed`), so val curves are not sampling noise.
@@ -37,14 +43,42 @@ Choices, and why:
 Distributed (data parallel). Launch with
     torchrun --nproc_per_node 2 -m minitrain.train --steps 50 ...
 torchrun starts 2 processes and sets RANK / WORLD_SIZE / MASTER_ADDR. Every rank draws the same
-global batch from the same seeded generator and keeps its own slice (rank r: rows
-r*batch_size ... (r+1)*batch_size-1), so ranks never see the same samples and N ranks train like
-one process on the N-times larger batch. `minitrain.ddp.DDP` averages gradients; `zero_stage`
-1/2 use `minitrain.zero.ZeroOptimizer` (stage 2 without DDP: it reduce-scatters gradients
-itself), 3 uses `minitrain.zero.shard_model`. Rank 0 alone writes files and prints; the logged
+global batch from the same seeded generator and keeps its own slice (`minitrain.data.rank_rows`:
+rows r*batch_size ... (r+1)*batch_size-1), so ranks never see the same samples and N ranks train
+like one process on the N-times larger batch. The parallel mode (`minitrain.parallel`) decides
+how: `minitrain.ddp.DDP` averages gradients; `zero_stage` 1/2 use `minitrain.zero.ZeroOptimizer`
+(stage 2 without DDP: it reduces gradients to their owners itself), 3 uses
+`minitrain.zero.shard_model`. Rank 0 alone writes files and prints; the logged
 loss is the mean over ranks and tokens/s counts all ranks' tokens over the slowest rank's time.
 The classic mistake: `python -m minitrain.train --zero-stage 1` (plain python) starts ONE
 process with WORLD_SIZE unset; we refuse with a one-line error instead of silently training alone.
+
+Failures, and what the trainer does (syllabus 16-06; `minitrain.stability` has the taxonomy):
+- A non-finite loss or grad norm (fp16: a non-finite loss; an inf/nan fp16 gradient is the
+  GradScaler's normal business: skip and halve the scale) or, with `--spike-threshold K`, a loss
+  above K x the median of the last 50 is caught BEFORE `optimizer.step()`. All ranks see the
+  same all-reduced loss and norm, so all take the same decision. `--on-nonfinite` says what:
+  `rollback` (default) restores model, optimizer and scaler from the last checkpoint (kept in
+  memory too) and goes on with the NEXT batches and the same lr schedule, so the batches that
+  led there are not replayed and the run still ends at `steps`; `skip` drops this one update;
+  `stop` ends the run with one line naming the step. Why rollback by default: a non-finite or
+  spiking loss often means the weights or Adam's moments are already heading out (lr too high,
+  an overflow), which skipping one batch does not undo; going back to known-good weights and
+  past the data is what large runs do (PaLM, OPT), and it costs at most `checkpoint_every`
+  steps. Each event is a metrics.jsonl field (`event`, `action`, `rollback_to`) and a log line.
+- fp16: a scale below `--min-loss-scale` (default 1) ends the run: the gradients overflow even
+  unscaled, and halving further only hides it. `--z-loss W` adds PaLM's W * logsumexp^2 term
+  (logged apart as `z_loss`; `loss` stays the language-model loss).
+- A checkpoint is never written with an inf/nan tensor (checked on every rank first).
+- Nothing on disk is lost: an out_dir holding another run is refused unless `--resume` or
+  `--overwrite`, and nothing in it changes before the settings, the data and the checkpoint
+  (world size, data fingerprint, checksum) have been checked.
+- Every error is one line (`main`): bad flags exit 2; a run that had to stop (policy, scale
+  floor, out of memory, full disk, a stuck or dead rank) exits 1; Ctrl-C exits 130 with
+  "interrupted at step N; --resume continues from step M".
+- Under torchrun the process group and every collective wait at most `--dist-timeout-s`
+  (default 300 s): a rank that stops answering ends the others with one line after that long
+  (then torchrun itself takes up to 30 s more to kill what is left).
 
 Common bugs this file avoids: logging the clipped norm (always <= clip_norm, so it hides spikes);
 clipping fp16 gradients before unscaling them (the threshold then means nothing); counting the
@@ -53,7 +87,7 @@ curve jumps); stepping every rank on its own gradient (replicas drift apart).
 """
 import contextlib
 import dataclasses
-import json
+import datetime
 import math
 import os
 import pathlib
@@ -68,12 +102,16 @@ import torch
 import torch.nn.functional as F
 
 from minitrain import checkpointing as ckpt
-from minitrain.accumulate import accumulate_gradients
-from minitrain.clip import clip_grad_norm, grad_norm
-from minitrain.data import get_batch, get_batch_loop, load_dataset, split_tokens
+from minitrain.accumulate import IGNORE_INDEX, accumulate_gradients
+from minitrain.bench import peak_memory_bytes
+from minitrain.data import (fingerprint, get_batch, get_batch_loop, load_dataset, rank_rows,
+                            split_tokens)
+from minitrain.files import append_jsonl, remove_stale_temp_files
 from minitrain.grad_scaler import GradScaler
 from minitrain.model import GPT, GPTConfig
+from minitrain.parallel import choose_parallel_mode
 from minitrain.schedule import WarmupCosine
+from minitrain.stability import SpikeDetector
 from minitrain.train_config import (RESUME_FREE_FIELDS, ConfigError, TrainConfig,  # noqa: F401
                                     build_parser, validate_config)
 
@@ -90,7 +128,8 @@ class RunResult:
     losses: list = field(default_factory=list)  # train loss of every step 0..steps-1
     val_losses: list = field(default_factory=list)  # [(step, val_loss), ...]
     lrs: list = field(default_factory=list)  # lr of every step
-    skipped_steps: int = 0  # fp16 steps skipped by the scaler (over the whole run)
+    skipped_steps: int = 0  # steps without an update: fp16 overflow, or an event below
+    events: list = field(default_factory=list)  # [(step, event, action), ...] of this call
     peak_mem_bytes: int = 0
     wall_s: float = 0.0
     world_size: int = 1
@@ -118,7 +157,7 @@ def _dist_ready():
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-# --- building blocks (public: lessons, the ladder and the hparam search reuse them) -----------
+# --- building blocks: small public functions the loop below is made of ------------------------
 
 def resolve_device(cfg, local_rank=0):
     if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
@@ -167,15 +206,16 @@ def adamw_kernel_kwargs(fused, device, say=print):
         return {"foreach": True}
 
 
-def build_optimizer(model, cfg, device="cpu", say=print):
-    """AdamW(max_lr, betas=(0.9, 0.95)) with decay groups; ZeroOptimizer when zero_stage 1/2."""
+def build_optimizer(model, cfg, device="cpu", say=print, *, mode=None):
+    """AdamW(max_lr, betas=(0.9, 0.95)) with decay groups, built by the parallel mode (ZeRO-1/2:
+    a ZeroOptimizer). `mode` defaults to the one chosen for cfg in the current process group."""
+    if mode is None:
+        rank, world = ((torch.distributed.get_rank(), torch.distributed.get_world_size())
+                       if _dist_ready() else (0, 1))
+        mode = choose_parallel_mode(cfg, rank, world)
     kwargs = dict(lr=cfg.max_lr, betas=(0.9, 0.95), eps=1e-8,
                   **adamw_kernel_kwargs(cfg.fused_adamw, device, say))
-    if cfg.zero_stage in (1, 2):
-        from minitrain.zero import ZeroOptimizer
-        return ZeroOptimizer(param_groups(model, cfg.weight_decay), torch.optim.AdamW,
-                             stage=cfg.zero_stage, **kwargs)
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), **kwargs)
+    return mode.build_optimizer(param_groups(model, cfg.weight_decay), **kwargs)
 
 
 def autocast_context(precision, device):
@@ -191,7 +231,8 @@ def lm_loss(output, y):
     logits = output[0]  # (B, T, V)
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()  # softmax + log in fp32: low-precision logits lose the tail
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), ignore_index=-100)
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1),
+                           ignore_index=IGNORE_INDEX)
 
 
 @torch.no_grad()
@@ -206,8 +247,8 @@ def evaluate(model, data, cfg, device="cpu", *, rank=0, world=1):
     total = 0.0
     for _ in range(cfg.eval_iters):
         x, y = get_batch(data, cfg.batch_size * world, cfg.seq_len, rng=rng)  # (B*W, T)
-        lo = rank * cfg.batch_size
-        x, y = x[lo:lo + cfg.batch_size].to(device), y[lo:lo + cfg.batch_size].to(device)
+        x = rank_rows(x, rank, cfg.batch_size).to(device)  # (B, T)
+        y = rank_rows(y, rank, cfg.batch_size).to(device)  # (B, T)
         with autocast_context(cfg.precision, device):
             total += lm_loss(model(x), y).item()
     model.train(was_training)
@@ -219,61 +260,77 @@ def evaluate(model, data, cfg, device="cpu", *, rank=0, world=1):
     return mean
 
 
-def peak_memory_bytes(device):
-    """CUDA: torch.cuda.max_memory_allocated; CPU: the process's peak resident set size."""
-    if torch.device(device).type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    try:
-        import resource
-    except ImportError:  # not POSIX
-        return 0
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024)  # macOS: bytes; Linux: KiB
+class FullPrecision:
+    """fp32, or bf16 autocast: bf16 has fp32's exponent range, so gradients need no scaling."""
 
+    scaler = None  # what accumulate_gradients multiplies each loss by before backward
 
-class _MicroBatchForward:
-    """What accumulate_gradients calls as `model(x)`: autocast, and DDP's no_sync() around every
-    micro-batch but the last (accumulate_gradients runs forward k, backward k, forward k+1, ...,
-    so a no_sync entered at forward 0 and left before the last forward covers backwards
-    0..n-2: those only accumulate locally and the last backward all-reduces the sum)."""
-
-    def __init__(self, model, n_micro, precision, device, ddp=None):
-        self.model, self.n, self.ddp = model, n_micro, ddp
+    def __init__(self, precision, device):
         self.precision, self.device = precision, device
-        self.calls, self._no_sync = 0, None
 
-    def __call__(self, x):
-        k, self.calls = self.calls, self.calls + 1
-        if self.ddp is not None and self.n > 1:
-            if k == 0:
-                self._no_sync = self.ddp.no_sync()
-                self._no_sync.__enter__()
-            if k == self.n - 1:
-                self._no_sync.__exit__(None, None, None)
-        with autocast_context(self.precision, self.device):
-            return self.model(x)
+    def autocast(self):
+        return autocast_context(self.precision, self.device)
+
+    def loss_scale(self):
+        return 1.0
+
+    def unscale_(self, optimizer):
+        """Turn the gradients back into true gradients (nothing to do without a scaler)."""
+
+    def step(self, optimizer):
+        """optimizer.step(); returns whether the step was skipped."""
+        optimizer.step()
+        return False
+
+    def drop(self, optimizer):
+        """End a step without updating (the trainer caught a non-finite loss or a spike)."""
+
+    def below_floor(self, floor):
+        return False  # no scale, no floor
+
+    def state_dict(self):
+        return None
+
+    def load_state_dict(self, state):
+        pass
 
 
-@torch.no_grad()
-def clip_gradients(params, clip_norm, *, sharded=False):
-    """Global grad norm before clipping (a float); clips in place when clip_norm is not None.
+class ScaledFp16(FullPrecision):
+    """fp16 autocast + minitrain's GradScaler: the loss is multiplied by the scale before
+    backward, gradients are unscaled before they are measured, and a step whose gradients hold
+    inf/nan is skipped (the scaler says so: `last_step_skipped`) and the scale halved."""
 
-    sharded=True (ZeRO 2/3): each rank holds a disjoint part of the gradient, so the global norm
-    is sqrt(sum over ranks of local_norm**2) (one all-reduce), and every rank scales its part by
-    the same min(1, clip_norm / (norm + 1e-6)) that clip_grad_norm uses."""
-    if not sharded:
-        if clip_norm is None:
-            return float(grad_norm(params))
-        return float(clip_grad_norm(params, clip_norm))
-    squared = grad_norm(params).double() ** 2
-    torch.distributed.all_reduce(squared)
-    norm = squared.sqrt()
-    if clip_norm is not None:
-        coef = torch.clamp(clip_norm / (norm + 1e-6), max=1.0)
-        for p in params:
-            if p.grad is not None:
-                p.grad.mul_(coef.to(p.grad.dtype))
-    return float(norm)
+    def __init__(self, precision, device):
+        super().__init__(precision, device)
+        self.scaler = GradScaler()
+
+    def loss_scale(self):
+        return self.scaler.get_scale()
+
+    def unscale_(self, optimizer):
+        self.scaler.unscale_(optimizer)
+
+    def step(self, optimizer):
+        self.scaler.step(optimizer)
+        self.scaler.update()
+        return self.scaler.last_step_skipped
+
+    def drop(self, optimizer):
+        self.scaler.update()  # it still learns from this step's inf check (and may back off)
+
+    def below_floor(self, floor):
+        """The scale fell below `floor`: even unscaled, the fp16 gradients overflow."""
+        return self.scaler.get_scale() < floor
+
+    def state_dict(self):
+        return self.scaler.state_dict()
+
+    def load_state_dict(self, state):
+        self.scaler.load_state_dict(state)
+
+
+def choose_precision(precision, device):
+    return (ScaledFp16 if precision == "fp16" else FullPrecision)(precision, device)
 
 
 def _finite(x):
@@ -286,23 +343,36 @@ def _draw_micro_batches(train_data, cfg, rng, rank, world, device):
     out = []
     for _ in range(cfg.accum_steps):
         x, y = batch_fn(train_data, cfg.batch_size * world, cfg.seq_len, rng=rng)  # (B*W, T)
-        lo = rank * cfg.batch_size
-        out.append((x[lo:lo + cfg.batch_size].to(device), y[lo:lo + cfg.batch_size].to(device)))
+        out.append((rank_rows(x, rank, cfg.batch_size).to(device),
+                    rank_rows(y, rank, cfg.batch_size).to(device)))  # (B, T) each
     return out  # accum_steps x ((B, T), (B, T))
 
 
+class TrainingStopped(RuntimeError):
+    """The run ended before `steps` for a reason the command line reports in one line: the
+    --on-nonfinite stop policy, the fp16 scale floor, Ctrl-C, a stuck or dead rank, a full disk,
+    out of memory. Files in out_dir are as the last completed step left them."""
+
+
 def train(config):
-    """Train per `config` (a TrainConfig); returns a RunResult. Bad fields raise ConfigError.
+    """Train per `config` (a TrainConfig); returns a RunResult. Bad fields raise ConfigError;
+    a run that had to end early raises TrainingStopped (its message is one line).
 
     Seeds the global torch / numpy / python RNGs with config.seed (the run owns them). Under
-    torchrun it creates the process group (and destroys it at the end); if a group already
-    exists (a test's launcher), it uses that one and leaves it alone."""
+    torchrun it creates the process group with a timeout of `dist_timeout_s` (and destroys it
+    at the end); if a group already exists (a test's launcher), it uses that one as it is."""
     rank, world, local_rank = _distributed_env()
     validate_config(config, world)
     own_group = world > 1 and not _dist_ready()
     if own_group:  # torchrun set the environment; we create (and later destroy) the group
         backend = "nccl" if resolve_device(config, local_rank).type == "cuda" else "gloo"
-        torch.distributed.init_process_group(backend)
+        try:
+            torch.distributed.init_process_group(
+                backend, timeout=datetime.timedelta(seconds=config.dist_timeout_s))
+        except RuntimeError as err:  # includes the store's timeout: a rank never arrived
+            raise TrainingStopped(f"rank {rank}: the {world} processes did not meet within "
+                                  f"--dist-timeout-s {config.dist_timeout_s:g} "
+                                  f"({_first_line(err)})") from None
     try:
         return _train(config, rank, world, local_rank)
     finally:
@@ -310,135 +380,255 @@ def train(config):
             torch.distributed.destroy_process_group()
 
 
-def _train(cfg, rank, world, local_rank):
-    t_start = time.perf_counter()
-    is_main = rank == 0
-    say = print if (is_main and cfg.log_every > 0) else (lambda *a, **k: None)
-    device = resolve_device(cfg, local_rank)
-    out_dir = pathlib.Path(cfg.out_dir)
-    metrics_path, ckpt_path = out_dir / "metrics.jsonl", out_dir / "checkpoint.pt"
+def _first_line(err):
+    text = str(err).strip()
+    return (text.splitlines()[0] if text else type(err).__name__)[:160]
+
+
+def _load_data(cfg):
+    """All token ids and their (train, val) split; every problem is a ConfigError naming the
+    flag (--data, --cache-dir, --seq-len)."""
     try:
         tokens = load_dataset(cfg.data, mode=cfg.loader, cache_dir=cfg.cache_dir,
                               max_bytes=cfg.corpus_bytes)
         train_data, val_data = split_tokens(tokens, cfg.val_fraction)
     except ValueError as err:
         raise ConfigError("data", str(err)) from None
+    except OSError as err:  # the cache folder is a file, read-only, or the disk is full
+        raise ConfigError("cache_dir", f"cannot write the token cache ({err.strerror or err}: "
+                          f"{err.filename}); choose another --cache-dir") from None
     if min(len(train_data), len(val_data)) <= cfg.seq_len:
         raise ConfigError("seq_len", f"{cfg.seq_len} is too long for this data: the train/val "
                           f"splits have {len(train_data)}/{len(val_data)} tokens; use more data")
+    return tokens, train_data, val_data
 
+
+def _judge(loss, norm, precision, spikes):
+    """None for a healthy step, else what is wrong with it (the same on every rank: loss and
+    norm are all-reduced). fp16: an inf/nan gradient is the GradScaler's business (it skips and
+    backs off), so only a non-finite LOSS is an event there."""
+    if not math.isfinite(loss):
+        return "non-finite loss"
+    if not math.isfinite(norm) and precision.scaler is None:
+        return "non-finite grad norm"
+    if spikes is not None and spikes.update(loss):
+        return "loss spike"
+    return None
+
+
+def _make_loss_fn(cfg):
+    """lm_loss, plus PaLM's z-loss when cfg.z_loss > 0; returns (loss_fn, z_parts) where
+    z_parts collects (z, counted targets) per micro-batch to log the z-loss on its own."""
+    if not cfg.z_loss:
+        return lm_loss, None
+    from minitrain.stability import z_loss
+    z_parts = []
+
+    def loss_fn(output, y):
+        z = z_loss(output[0], weight=cfg.z_loss, targets=y)
+        z_parts.append((float(z.detach()), int((y != IGNORE_INDEX).sum())))
+        return lm_loss(output, y) + z
+
+    return loss_fn, z_parts
+
+
+def _prepare_out_dir(cfg, out_dir, metrics_path, ckpt_path, start_step, resuming, say):
+    """Rank 0's first change on disk, after every check: stale temp files go, metrics.jsonl is
+    cut back to the checkpoint (resume) or the previous run's files are removed (--overwrite,
+    or --resume of a run that never checkpointed). Returns the metrics records kept."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in ckpt.RUN_FILES:
+        remove_stale_temp_files(out_dir, name)
+    if resuming:
+        try:
+            records = ckpt.truncate_metrics(metrics_path, start_step)
+        except ValueError as err:
+            raise ConfigError("resume", str(err)) from None
+        say(f"resumed from {ckpt_path} at step {start_step}")
+        return records
+    if cfg.resume:
+        say(f"no checkpoint in {out_dir}: starting from step 0")
+    for name in ckpt.RUN_FILES:
+        (out_dir / name).unlink(missing_ok=True)
+    return []
+
+
+def _train(cfg, rank, world, local_rank):
+    t_start = time.perf_counter()
+    is_main = rank == 0
+    say = print if (is_main and cfg.log_every > 0) else (lambda *a, **k: None)
+    warn = print if is_main else (lambda *a, **k: None)  # events: printed whatever log_every
+    device = resolve_device(cfg, local_rank)
+    out_dir = pathlib.Path(cfg.out_dir)
+    metrics_path, ckpt_path = out_dir / "metrics.jsonl", out_dir / "checkpoint.pt"
+    tokens, train_data, val_data = _load_data(cfg)
+    try:  # nothing in out_dir changes before data and settings are known to be good
+        ckpt.check_out_dir(out_dir, resume=cfg.resume, overwrite=cfg.overwrite)
+    except ValueError as err:
+        raise ConfigError("out_dir", str(err)) from None
+    data_print = fingerprint(tokens)
+
+    # --- set-up: every choice is made once, here -------------------------------------------
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
-    model = build_model(cfg, device)  # seeds torch with cfg.seed first
-    if cfg.zero_stage == 3:
-        from minitrain.zero import shard_model
-        model = shard_model(model)
-    optimizer = build_optimizer(model, cfg, device, say)
+    mode = choose_parallel_mode(cfg, rank, world)  # single / DDP / ZeRO-1 / ZeRO-2 / ZeRO-3
+    precision = choose_precision(cfg.precision, device)  # fp32 / bf16 / fp16 + GradScaler
+    model = mode.prepare_model(build_model(cfg, device))  # build_model seeds torch first
+    optimizer = build_optimizer(model, cfg, device, say, mode=mode)
     scheduler = WarmupCosine(optimizer, total_steps=cfg.steps, warmup_steps=cfg.warmup_steps,
                              min_lr=cfg.min_lr)
-    scaler = None
-    if cfg.precision == "fp16":
-        scaler = GradScaler()
     sampler = np.random.default_rng(cfg.seed)  # draws every training batch
+    spikes = SpikeDetector(threshold=cfg.spike_threshold) if cfg.spike_threshold else None
+    loss_fn, z_parts = _make_loss_fn(cfg)
 
-    start_step, records = 0, []
-    if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for name in ("checkpoint.pt", "metrics.jsonl"):
-            ckpt.remove_stale_temp_files(out_dir, name)
-    if cfg.resume and ckpt_path.is_file():
-        state = ckpt.load_checkpoint(ckpt_path, map_location=device)
-        changed = sorted(k for k, v in state["config"].items()
-                         if k not in RESUME_FREE_FIELDS and getattr(cfg, k, v) != v)
-        if changed:
-            raise ConfigError(changed[0], f"differs from the checkpoint's config ({changed}); "
-                              "resume with the same settings or use a fresh out_dir")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+    start_step, records, state = 0, [], None
+    resuming = cfg.resume and ckpt_path.is_file()
+    if resuming:
+        try:
+            state = ckpt.load_checkpoint(ckpt_path, map_location=device)
+        except ckpt.CheckpointError as err:
+            raise ConfigError("resume", str(err)) from None
+        ckpt.check_resumable(state, cfg, world, data_print)
+        mode.load_state_dict(model, optimizer, state)
         scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None:
-            scaler.load_state_dict(state["scaler"])
+        precision.load_state_dict(state["scaler"])
         ckpt.set_rng_state(state["rng"], sampler)
+        if spikes is not None and state.get("spikes"):
+            spikes.load_state_dict(state["spikes"])
         start_step = int(state["step"])
-        if is_main:
-            records = ckpt.truncate_metrics(metrics_path, start_step)
-        say(f"resumed from {ckpt_path} at step {start_step}")
-    elif is_main:
-        if cfg.resume:
-            say(f"no checkpoint in {out_dir}: starting from step 0")
-        metrics_path.unlink(missing_ok=True)
+    failure = None
+    try:
+        records = _prepare_out_dir(cfg, out_dir, metrics_path, ckpt_path, start_step,
+                                   resuming, say) if is_main else []
+    except ConfigError as err:
+        failure = err
+    except OSError as err:  # e.g. made read-only between the check and now
+        failure = ConfigError("out_dir", f"cannot write {err.filename} ({err.strerror}); "
+                              "choose another --out-dir")
+    if mode.max(1.0 if failure else 0.0) > 0:  # every rank stops together, none waits forever
+        raise failure or ConfigError("out_dir", "rank 0 could not prepare it (see its message)")
+    last_good = None
+    if cfg.on_nonfinite == "rollback":
+        last_good = ckpt.Snapshot(start_step, state or mode.state_dict(model, optimizer),
+                                  precision)
+    state = None  # the loaded checkpoint is not needed any more
 
-    train_model = torch.compile(model) if cfg.compile else model
-    ddp = None
-    if world > 1 and cfg.zero_stage in (0, 1):
-        from minitrain.ddp import DDP
-        ddp = train_model = DDP(train_model)
+    train_model = mode.wrap_model(torch.compile(model) if cfg.compile else model)  # DDP here
+
+    def forward(x):  # what accumulate_gradients calls as model(x)
+        with precision.autocast():
+            return train_model(x)
+
     params = [p for p in model.parameters() if p.requires_grad]
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.accum_steps * world
+    extra = {"world_size": world, "data": data_print}  # what a resume must match
     bar = None
     if cfg.progress and is_main:
         from tqdm import tqdm
         bar = tqdm(total=cfg.steps, initial=start_step, unit="step", dynamic_ncols=True)
         say = bar.write if cfg.log_every > 0 else say
+        warn = bar.write
 
+    # --- the loop: the same lines for every parallel mode and precision ----------------------
     model.train()
-    step_tps = []
-    with open(metrics_path, "a") if is_main else contextlib.nullcontext() as metrics_file:
-        for step in range(start_step, cfg.steps):
-            t0 = time.perf_counter()
-            micro = _draw_micro_batches(train_data, cfg, sampler, rank, world, device)
-            forward = _MicroBatchForward(train_model, cfg.accum_steps, cfg.precision, device, ddp)
-            loss = accumulate_gradients(forward, micro, lm_loss, scaler=scaler)
-            if ddp is not None:
-                ddp.finish_gradient_synchronization()
-            scale = scaler.get_scale() if scaler is not None else 1.0
-            if scaler is not None:
-                scaler.unscale_(optimizer)  # true gradients before measuring/clipping them
-            if cfg.zero_stage == 2:  # sum each gradient at its owner now, so we can measure it
-                optimizer.reduce_gradients()  # step() below then does not reduce again
-            norm = clip_gradients(params, cfg.clip_norm, sharded=cfg.zero_stage >= 2)
-            lr = optimizer.param_groups[0]["lr"]  # the lr this step uses
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-                skipped = scaler.get_scale() < scale  # the scale only backs off on inf/nan
-            else:
-                optimizer.step()
-                skipped = False
-            scheduler.step()  # also after a skipped step: the schedule counts steps
-            optimizer.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            dt = time.perf_counter() - t0
-            if world > 1:  # mean loss over ranks; the slowest rank's time
-                stats = torch.tensor([loss / world], dtype=torch.float64)
-                torch.distributed.all_reduce(stats)
-                slowest = torch.tensor([dt], dtype=torch.float64)
-                torch.distributed.all_reduce(slowest, op=torch.distributed.ReduceOp.MAX)
-                loss, dt = float(stats[0]), float(slowest[0])
-            tps = tokens_per_step / dt
-            step_tps.append(tps)
-            record = {"step": step, "loss": _finite(loss), "lr": lr, "grad_norm": _finite(norm),
-                      "clipped": bool(cfg.clip_norm is not None and math.isfinite(norm)
-                                      and norm > cfg.clip_norm),
-                      "skipped": bool(skipped), "scale": scale, "tokens_per_s": tps,
-                      "peak_mem_bytes": peak_memory_bytes(device)}
-            last = step == cfg.steps - 1
-            if (step + 1) % cfg.eval_every == 0 or last:
-                val_loss = evaluate(model, val_data, cfg, device, rank=rank, world=world)
-                record["val_loss"] = _finite(val_loss)
-            records.append(record)  # every rank keeps them (same numbers: all-reduced)
-            if is_main:
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()  # in the OS cache: a killed process loses nothing
-                if cfg.log_every and (step % cfg.log_every == 0 or last or "val_loss" in record):
-                    say(format_log_line(record, dt))
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
-            if cfg.zero_stage != 3 and ((step + 1) % cfg.checkpoint_every == 0 or last):
-                _save(ckpt_path, cfg, step + 1, model, optimizer, scheduler, scaler, sampler,
-                      is_main)
+    step_tps, step, saved = [], start_step, start_step if resuming else None
+    try:
+        with open(metrics_path, "a") if is_main else contextlib.nullcontext() as metrics_file:
+            for step in range(start_step, cfg.steps):
+                t0 = time.perf_counter()
+                micro = _draw_micro_batches(train_data, cfg, sampler, rank, world, device)
+                if z_parts is not None:
+                    z_parts.clear()
+                loss = accumulate_gradients(forward, micro, loss_fn, scaler=precision.scaler,
+                                            no_sync=mode.no_sync)  # sync on the last backward
+                mode.after_backward(optimizer)  # every rank holds its averaged gradient (part)
+                scale = precision.loss_scale()
+                precision.unscale_(optimizer)  # true gradients before measuring/clipping them
+                norm = mode.clip(params, cfg.clip_norm)  # the norm BEFORE clipping
+                loss = mode.mean(loss)  # the same number on every rank
+                z = None
+                if z_parts is not None:  # log the language-model loss and the z-loss apart
+                    n = sum(c for _, c in z_parts)
+                    z = mode.mean(sum(v * c for v, c in z_parts) / n)
+                    loss -= z
+                lr = optimizer.param_groups[0]["lr"]  # the lr this step uses
+                event = _judge(loss + (z or 0.0), norm, precision, spikes)  # before the step
+                action = None if event is None else cfg.on_nonfinite
+                if event is None:
+                    skipped = precision.step(optimizer)  # fp16: skipped on an inf/nan gradient
+                else:
+                    precision.drop(optimizer)  # never step on it
+                    skipped = True
+                    if action == "rollback":
+                        last_good.restore(mode, model, optimizer, precision, scheduler)
+                if precision.below_floor(cfg.min_loss_scale):
+                    event, action = "fp16 scale floor", "stop"
+                scheduler.step()  # also after a skipped step: the schedule counts steps
+                optimizer.zero_grad(set_to_none=True)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                dt = mode.max(time.perf_counter() - t0)  # the slowest rank's time
+                tps = tokens_per_step / dt
+                step_tps.append(tps)
+                record = {"step": step, "loss": _finite(loss), "lr": lr,
+                          "grad_norm": _finite(norm),
+                          "clipped": bool(cfg.clip_norm is not None and math.isfinite(norm)
+                                          and norm > cfg.clip_norm),
+                          "skipped": bool(skipped), "scale": scale, "tokens_per_s": tps,
+                          "peak_mem_bytes": peak_memory_bytes(device),
+                          "event": event, "action": action}
+                if z is not None:
+                    record["z_loss"] = _finite(z)
+                if action == "rollback":
+                    record["rollback_to"] = last_good.step
+                if event == "fp16 scale floor":
+                    record["scale_after"] = precision.loss_scale()  # below the floor
+                last = step == cfg.steps - 1
+                if action != "stop" and ((step + 1) % cfg.eval_every == 0 or last):
+                    val_loss = evaluate(model, val_data, cfg, device, rank=rank, world=world)
+                    record["val_loss"] = _finite(val_loss)
+                records.append(record)  # every rank keeps them (same numbers: all-reduced)
+                if is_main:
+                    append_jsonl(metrics_file, record)  # flushed: a kill loses nothing
+                    if event is not None:
+                        warn(_event_line(record, cfg))
+                    if cfg.log_every and (step % cfg.log_every == 0 or last
+                                          or "val_loss" in record):
+                        say(format_log_line(record, dt))
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+                if action == "stop":
+                    raise TrainingStopped(_stop_message(record, cfg, saved))
+                if (step + 1) % cfg.checkpoint_every == 0 or last:
+                    state = _save(ckpt_path, cfg, step + 1, model, optimizer, scheduler,
+                                  precision, sampler, mode, {**extra, "spikes": spikes}, is_main)
+                    saved = step + 1 if mode.can_checkpoint else saved
+                    if last_good is not None:
+                        last_good = ckpt.Snapshot(step + 1, state, precision)
+    except KeyboardInterrupt:
+        raise TrainingStopped(f"interrupted at step {step}; "
+                              f"{_resume_hint(saved)}") from None
+    except (MemoryError, torch.OutOfMemoryError) as err:
+        raise TrainingStopped(f"out of memory at step {step} ({_first_line(err)}); use a smaller "
+                              f"--batch-size (--accum-steps keeps the batch); "
+                              f"{_resume_hint(saved)}") from None
+    except OSError as err:  # ENOSPC, a folder made read-only mid-run, ...
+        raise TrainingStopped(f"cannot write {err.filename or out_dir} at step {step} "
+                              f"({err.strerror or err}); free space or choose another "
+                              f"--out-dir; {_resume_hint(saved)}") from None
+    except RuntimeError as err:
+        if isinstance(err, TrainingStopped):
+            raise
+        if "alloc" in str(err).lower():
+            raise TrainingStopped(f"out of memory at step {step} ({_first_line(err)}); use a "
+                                  f"smaller --batch-size; {_resume_hint(saved)}") from None
+        if world > 1:  # gloo/nccl: a peer stopped answering within the timeout, or died
+            raise TrainingStopped(f"rank {rank}: a collective failed at step {step} "
+                                  f"(a stuck or dead rank; waited at most --dist-timeout-s "
+                                  f"{cfg.dist_timeout_s:g}): {_first_line(err)}; "
+                                  f"{_resume_hint(saved)}") from None
+        raise
     if bar is not None:
         bar.close()
 
@@ -455,51 +645,109 @@ def _train(cfg, rank, world, local_rank):
         losses=[r["loss"] for r in records], val_losses=vals,
         lrs=[r["lr"] for r in records], skipped_steps=sum(r["skipped"] for r in records),
         peak_mem_bytes=peak_memory_bytes(device), wall_s=time.perf_counter() - t_start,
-        world_size=world)
+        world_size=world,
+        events=[(r["step"], r["event"], r["action"]) for r in records if r.get("event")])
+
+
+def _resume_hint(saved):
+    if saved is None:
+        return "no checkpoint yet: --resume starts again from step 0"
+    return f"--resume continues from step {saved}"
+
+
+def _event_line(record, cfg):
+    """One line per event: what happened at which step, and what the trainer did about it."""
+    what = {"skip": "step skipped", "rollback": f"rolled back to step {record.get('rollback_to')}",
+            "stop": "stopping"}[record["action"]]
+    detail = (f"scale {record.get('scale_after', 0.0):g} < --min-loss-scale "
+              f"{cfg.min_loss_scale:g}"
+              if record["event"] == "fp16 scale floor" else
+              f"loss {_num(record['loss'], '.4f')}, norm {_num(record['grad_norm'], '.2f')}")
+    return f"step {record['step']} | {record['event']} ({detail}) | {what}"
+
+
+def _stop_message(record, cfg, saved):
+    if record["event"] == "fp16 scale floor":
+        hint = "the fp16 gradients overflow even unscaled: lower --max-lr, clip, or use bf16"
+    else:
+        hint = ("rerun with a lower --max-lr, --clip-norm or --z-loss 1e-4, or resume with "
+                "--on-nonfinite rollback")
+    return (f"stopped at step {record['step']}: {record['event']} (--on-nonfinite "
+            f"{cfg.on_nonfinite}); {hint}; {_resume_hint(saved)}")
+
+
+def _num(v, fmt):
+    return "inf/nan" if v is None else format(v, fmt)  # None = non-finite in the record
 
 
 def format_log_line(record, dt):
     """`step 120 | loss 2.3100 | lr 6.0e-04 | norm 0.91 | 412 ms | 9,950 tok/s` (+ val/skip)."""
-    def num(v, fmt):
-        return "inf/nan" if v is None else format(v, fmt)  # None = non-finite in the record
-
-    line = (f"step {record['step']} | loss {num(record['loss'], '.4f')} | lr {record['lr']:.1e}"
-            f" | norm {num(record['grad_norm'], '.2f')} | {dt * 1000:.0f} ms"
+    line = (f"step {record['step']} | loss {_num(record['loss'], '.4f')} | lr {record['lr']:.1e}"
+            f" | norm {_num(record['grad_norm'], '.2f')} | {dt * 1000:.0f} ms"
             f" | {record['tokens_per_s']:,.0f} tok/s")
+    if record.get("z_loss") is not None:
+        line += f" | z {record['z_loss']:.2e}"
     if "val_loss" in record:
-        line += f" | val {num(record['val_loss'], '.4f')}"
-    if record["skipped"]:
+        line += f" | val {_num(record['val_loss'], '.4f')}"
+    if record.get("event"):
+        line += f" | {record['event']}: {record['action']}"
+    elif record["skipped"]:
         line += " | skipped (inf/nan gradient)"
     return line
 
 
-def _save(path, cfg, next_step, model, optimizer, scheduler, scaler, sampler, is_main):
-    """Checkpoint after `next_step` completed steps; every rank takes part in gathering."""
-    payload = {"format": 1, "step": next_step, "config": dataclasses.asdict(cfg),
-               "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-               "scheduler": scheduler.state_dict(),
-               "scaler": scaler.state_dict() if scaler is not None else None,
-               "rng": ckpt.rng_state(sampler)}
-    if is_main:
+def _save(path, cfg, next_step, model, optimizer, scheduler, precision, sampler, mode, extra,
+          is_main):
+    """Checkpoint after `next_step` completed steps; every rank takes part in gathering and in
+    the finiteness check (so all ranks stop together). Returns the model/optimizer state."""
+    state = mode.state_dict(model, optimizer)  # {"model", "optimizer"}: a collective for ZeRO
+    bad = ckpt.nonfinite_tensors(state)
+    if bad:
+        raise TrainingStopped(f"step {next_step - 1} left {len(bad)} non-finite tensor(s) "
+                              f"(first: {bad[0]}); nothing was written and the previous "
+                              "checkpoint is kept; try a lower --max-lr or --clip-norm")
+    if mode.can_checkpoint and is_main:
+        spikes = extra.get("spikes")
+        payload = {"format": ckpt.FORMAT, "step": next_step, "config": dataclasses.asdict(cfg),
+                   **state, "scheduler": scheduler.state_dict(),
+                   "scaler": precision.state_dict(), "rng": ckpt.rng_state(sampler),
+                   "world_size": extra["world_size"], "data": extra["data"],
+                   "spikes": spikes.state_dict() if spikes is not None else None}
         ckpt.save_checkpoint(path, payload)
+    return state
 
 
 # --- command line -------------------------------------------------------------------------------
 
 def main(argv=None):
+    """The command line: every failure is ONE stderr line (rank 0 speaks for all ranks, except
+    a rank that saw a peer fail, which names itself) and a non-zero exit code."""
     args = build_parser().parse_args(argv)
+    prog = "python -m minitrain.train"
+    is_main = os.environ.get("RANK", "0") == "0"
+
+    def error(text):
+        if is_main or text.startswith("rank "):
+            print(f"{prog}: {text}", file=sys.stderr)
+
     try:
         result = train(TrainConfig(**vars(args)))
     except ConfigError as err:
         flag = "--" + err.field.replace("_", "-")
         if err.field == "world_size":
             flag = "WORLD_SIZE"
-        print(f"python -m minitrain.train: error: {flag}: {err.reason}", file=sys.stderr)
+        error(f"error: {flag}: {err.reason}")
         return 2
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"done: {result.steps_run} steps | final loss {result.final_loss:.4f} | "
-              f"val loss {result.final_val_loss:.4f} | {result.tokens_per_s:,.0f} tok/s | "
-              f"{result.metrics_path}")
+    except TrainingStopped as err:
+        error(str(err))
+        return 130 if str(err).startswith("interrupted") else 1
+    except KeyboardInterrupt:  # during set-up: nothing in out_dir was changed yet
+        error("interrupted before the first step; nothing was written")
+        return 130
+    if is_main:
+        print(f"done: {result.steps_run} steps | final loss {_num(result.final_loss, '.4f')} | "
+              f"val loss {_num(result.final_val_loss, '.4f')} | {result.tokens_per_s:,.0f} "
+              f"tok/s | {len(result.events)} event(s) | {result.metrics_path}")
     return 0
 
 

@@ -8,14 +8,12 @@ the fix; `build_parser` turns the fields into flags (`max_lr` -> `--max-lr`; boo
 Why validate first. A typo found after ten minutes of training (or after the first checkpoint)
 wastes the run; a bad value that is silently clamped or ignored makes a comparison lie. So every
 bad value stops the program before training with ONE line naming the flag, never a traceback.
-A field whose technique needs a module that is missing says "not implemented yet".
 
 Common bug: argparse's `type=bool` turns the string "False" into True (any non-empty string is
 truthy); `BooleanOptionalAction` gives `--compile/--no-compile` instead.
 """
 import argparse
 import dataclasses
-import importlib.util
 import math
 import os
 import pathlib
@@ -24,11 +22,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-CHOICES = {"attention": ("sdpa", "naive", "flash"), "precision": ("fp32", "bf16", "fp16"),
+from minitrain.model import ATTENTION_KINDS
+
+CHOICES = {"attention": ATTENTION_KINDS, "precision": ("fp32", "bf16", "fp16"),
            "loader": ("ram", "memmap"), "batching": ("vectorized", "loop"),
-           "zero_stage": (0, 1, 2, 3), "device": ("auto", "cpu", "cuda")}
+           "zero_stage": (0, 1, 2, 3), "device": ("auto", "cpu", "cuda"),
+           "on_nonfinite": ("rollback", "skip", "stop")}
 # fields that may differ between a run and its --resume (they do not change any number)
-RESUME_FREE_FIELDS = {"resume", "out_dir", "log_every", "progress", "cache_dir"}
+# (the recovery policy may change too: resuming after a `stop` with `rollback` is its point)
+RESUME_FREE_FIELDS = {"resume", "out_dir", "log_every", "progress", "cache_dir", "overwrite",
+                      "dist_timeout_s", "on_nonfinite", "min_loss_scale"}
 
 
 def _opt_float(text):
@@ -78,7 +81,7 @@ class TrainConfig:
     seed: int = _f(0, "seed for init, sampling and dropout")
     out_dir: str = _f("outputs/run", "where metrics.jsonl and checkpoint.pt go")
     resume: bool = _f(False, "continue from out_dir/checkpoint.pt")
-    # -- extras (not in the contract) --
+    # -- beyond the fields every minitrain trainer has --
     val_fraction: float = _f(0.1, "held-out fraction (the last part of the token stream)")
     corpus_bytes: int = _f(None, "use only the first N bytes of the default corpus", type=_opt_int)
     dropout: float = _f(0.0, "dropout probability")
@@ -87,6 +90,15 @@ class TrainConfig:
     device: str = _f("auto", "auto = cuda if available, else cpu")
     cache_dir: str = _f(None, "where pretokenized data is cached ('none' = .cache/minitrain)",
                         type=_opt_str)
+    # -- failures and recovery (see the module docstring of minitrain.train) --
+    on_nonfinite: str = _f("rollback", "what a non-finite loss/grad norm or a loss spike does: "
+                           "rollback to the last good checkpoint | skip the step | stop")
+    spike_threshold: float = _f(None, "a loss above this x the median of the last 50 is a spike "
+                                "('none' = off)", type=_opt_float)
+    z_loss: float = _f(0.0, "weight of PaLM's z-loss, mean(logsumexp(logits)^2) (0 = off)")
+    min_loss_scale: float = _f(1.0, "fp16: the run ends when the GradScaler's scale falls below")
+    overwrite: bool = _f(False, "replace the run already in out_dir (else refused unless --resume)")
+    dist_timeout_s: float = _f(300.0, "seconds a collective may wait for a stuck or dead rank")
 
 
 class ConfigError(ValueError):
@@ -135,7 +147,7 @@ def validate_config(cfg, world_size=1):
             raise ConfigError(name, f"must be one of {', '.join(map(str, allowed))}; "
                               f"got {getattr(cfg, name)!r}")
     for name in ("native_layers", "compile", "fused_adamw", "activation_checkpointing", "resume",
-                 "progress"):
+                 "progress", "overwrite"):
         if not isinstance(getattr(cfg, name), bool):
             raise ConfigError(name, f"must be True or False, got {getattr(cfg, name)!r}")
     if not 0.0 < cfg.val_fraction < 1.0:
@@ -144,6 +156,31 @@ def validate_config(cfg, world_size=1):
         raise ConfigError("dropout", f"must be in [0, 1), got {cfg.dropout!r}")
     if cfg.corpus_bytes is not None and (not _is_int(cfg.corpus_bytes) or cfg.corpus_bytes < 1):
         raise ConfigError("corpus_bytes", f"must be an int >= 1 or None, got {cfg.corpus_bytes!r}")
+    if cfg.data is not None and cfg.corpus_bytes is not None:
+        raise ConfigError("corpus_bytes", "only cuts the default corpus and would be ignored with "
+                          "--data; drop it (or cut the file itself)")
+    for name, lo, allow_none in (("spike_threshold", 1.0, True), ("z_loss", 0.0, False),
+                                 ("min_loss_scale", 0.0, False), ("dist_timeout_s", 0.0, False)):
+        v = getattr(cfg, name)
+        if v is None and allow_none:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or (
+                v <= lo if name != "z_loss" else v < lo):
+            relation = ">=" if name == "z_loss" else ">"
+            raise ConfigError(name, f"must be a finite number {relation} {lo:g}"
+                              f"{' or None (off)' if allow_none else ''}, got {v!r}")
+    need, have = activation_bytes(cfg, world_size), _physical_memory_bytes()
+    if have and need > have:
+        one = activation_bytes(dataclasses.replace(cfg, batch_size=1), world_size) > have
+        fix = ("a smaller --seq-len" if one else
+               "a smaller --batch-size (--accum-steps keeps the batch)")
+        raise ConfigError("seq_len" if one else "batch_size",
+                          f"{cfg.batch_size} sequences x {cfg.seq_len} tokens need about "
+                          f"{need / 2**30:.0f} GiB of activations, more than this machine's "
+                          f"{have / 2**30:.0f} GiB; use {fix}")
+    if cfg.resume and cfg.overwrite:
+        raise ConfigError("overwrite", "contradicts --resume (continue the run in out_dir or "
+                          "replace it: pick one)")
     if cfg.data is not None and not pathlib.Path(cfg.data).is_file():
         raise ConfigError("data", f"file {cfg.data!r} does not exist (None = the default corpus)")
     if not isinstance(cfg.out_dir, (str, os.PathLike)) or not str(cfg.out_dir):
@@ -161,14 +198,22 @@ def validate_config(cfg, world_size=1):
     if cfg.resume and cfg.zero_stage == 3:
         raise ConfigError("resume", "not supported with zero_stage 3: each rank holds only its "
                           "parameter shard and checkpoint.pt is not written under stage 3")
-    needs = {"precision": ("minitrain.grad_scaler", cfg.precision == "fp16"),
-             "activation_checkpointing": ("minitrain.recompute", cfg.activation_checkpointing),
-             "attention": ("minitrain.attention", cfg.attention != "sdpa"),
-             "zero_stage": ("minitrain.zero", cfg.zero_stage > 0),
-             "world_size": ("minitrain.ddp", world_size > 1)}
-    for name, (module, needed) in needs.items():
-        if needed and importlib.util.find_spec(module) is None:
-            raise ConfigError(name, f"needs {module}, which is not implemented yet")
+
+
+def activation_bytes(cfg, world_size=1):
+    """A rough upper estimate of one micro-batch's memory: the (B*W, T+1) int64 index of the
+    global batch, ~34 fp32 values per token per layer per channel, and 3 fp32 (B, T, 256)
+    logit-sized tensors. Only meant to refuse absurd sizes before the allocator does."""
+    tokens = cfg.batch_size * cfg.seq_len
+    return (8 * cfg.batch_size * world_size * (cfg.seq_len + 1)
+            + 4 * tokens * (34 * cfg.n_layer * cfg.n_embd + 3 * 256))
+
+
+def _physical_memory_bytes():
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX: no estimate, no refusal
+        return 0
 
 
 class _OneLineParser(argparse.ArgumentParser):

@@ -19,6 +19,8 @@ per parameter, so S = 2P in fp32). Only the per-rank DATA differs. ZeRO shards t
   Before the block's forward the shards are all-gathered, after it the full weights are freed;
   backward gathers them again, recomputes the block and reduce-scatters the weight gradient
   back into shard gradients (the same recompute idea as activation checkpointing).
+Clipping a sharded gradient needs the norm over all ranks: `minitrain.parallel.
+clip_grad_norm_sharded` (the one clip path of the trainer) sums the local squares over ranks.
 Every stage does the same arithmetic as the unsharded optimizer: AdamW is elementwise, so the
 owner's update of a parameter is exactly what every rank would have computed.
 
@@ -71,7 +73,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 local_groups.append({**self._hyper(group), "params": mine})
                 self._group_index.append(gi)
         self.local_optimizer = optimizer_cls(local_groups, **defaults) if local_groups else None
-        self._reduced = False  # stage 2: gradients already reduced this step (by clipping)
+        self._reduced = False  # stage 2: gradients already reduced this step (to measure them)
 
     @staticmethod
     def _hyper(group):
@@ -111,16 +113,11 @@ class ZeroOptimizer(torch.optim.Optimizer):
         super().zero_grad(set_to_none=set_to_none)
         self._reduced = False  # new gradients (also after a step the GradScaler skipped)
 
-    @torch.no_grad()
-    def clip_grad_norm_(self, max_norm, norm_type=2.0):
-        """Clip by the norm of the AVERAGED gradient (call after backward, before step).
-        Stage 2 first reduces the gradients to their owners (step() then skips it) and sums the
-        owners' partial norms over ranks; stage 1 gradients are already identical everywhere."""
-        self.reduce_gradients()
-        mine = [p.grad for p, o in zip(self._params, self.owners) if p.grad is not None
-                and (self.stage == 1 or o == self.rank)]
-        return clip_sharded_grad_norm_(mine, max_norm, norm_type,
-                                       sharded=(self.stage == 2), as_grads=True)
+    def owned_parameters(self):
+        """The parameters whose gradient this rank holds after `reduce_gradients()`: all of them
+        for stage 1 (DDP averaged them everywhere), the owned ones for stage 2. Measure and clip
+        them with `minitrain.parallel.clip_grad_norm_sharded(..., sharded=(stage == 2))`."""
+        return [p for p, o in zip(self._params, self.owners) if self.stage == 1 or o == self.rank]
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -179,31 +176,6 @@ class ZeroOptimizer(torch.optim.Optimizer):
                            "params": list(range(k, k + len(local["params"])))})
             k += len(local["params"])
         self.local_optimizer.load_state_dict({"state": state, "param_groups": groups})
-
-
-@torch.no_grad()
-def clip_sharded_grad_norm_(parameters, max_norm, norm_type=2.0, *, sharded=True,
-                            as_grads=False):
-    """clip_grad_norm_ when each rank holds a DIFFERENT part of the gradient (ZeRO-2 owners,
-    ZeRO-3 shards): sum |g|^p over ranks (max for inf) before the root, then scale in place by
-    min(1, max_norm / (norm + 1e-6)) like torch.nn.utils.clip_grad_norm_. Returns the norm."""
-    grads = list(parameters) if as_grads else [p.grad for p in parameters if p.grad is not None]
-    norm_type = float(norm_type)
-    if norm_type == float("inf"):
-        local = max((g.abs().max() for g in grads), default=torch.tensor(0.0)).float().reshape(1)
-        if sharded:
-            dist.all_reduce(local, op=dist.ReduceOp.MAX)
-        total = local[0]
-    else:
-        local = sum((g.float().abs().pow(norm_type).sum() for g in grads),
-                    torch.tensor(0.0)).reshape(1)
-        if sharded:
-            dist.all_reduce(local)
-        total = local[0].pow(1.0 / norm_type)
-    scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-    for g in grads:
-        g.mul_(scale.to(g.dtype))
-    return total
 
 
 _TENSOR = object()  # marks a tensor slot when (args, kwargs) or outputs are flattened

@@ -5,9 +5,11 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given
 
-from minitrain.accumulate import accumulate_gradients
+from tests.implementation import under_test
 from minitrain.grad_scaler import GradScaler
 from strategies import seeds
+
+accumulate_gradients = under_test("minitrain.accumulate", "accumulate_gradients")
 
 pytestmark = pytest.mark.lesson06
 
@@ -115,3 +117,36 @@ def test_bad_inputs_raise_value_error():
     x = torch.zeros(1, SEQ, dtype=torch.long)
     with pytest.raises(ValueError, match="micro_batches"):
         accumulate_gradients(model, [(x, torch.full((1, SEQ), -100))], lm_loss)
+
+
+@given(micro_batch_sets(), seeds)
+def test_no_sync_wraps_every_micro_batch_but_the_last_counted_one(mbs, seed):
+    """With no_sync=..., the context is entered once per counted micro-batch except the last
+    counted one (that backward synchronises), forward and backward inside it; the gradient is
+    unchanged by it."""
+    model = TinyLM(seed)
+    inside = []
+    state = {"in": False}
+
+    class Ctx:
+        def __enter__(self):
+            state["in"] = True
+            inside.append(0)
+
+        def __exit__(self, *exc):
+            state["in"] = False
+            return False
+
+    def forward(x):
+        if state["in"]:
+            inside[-1] += 1  # forwards seen inside the context
+        return model(x)
+
+    counted = [k for k, (_, y) in enumerate(mbs) if int((y != -100).sum()) > 0]
+    loss = accumulate_gradients(forward, mbs, lm_loss, no_sync=Ctx)
+    assert inside == [1] * (len(counted) - 1)
+    assert not state["in"]
+    expected_loss, expected = full_batch_grads(TinyLM(seed), mbs)
+    assert loss == pytest.approx(expected_loss, rel=1e-9, abs=1e-12)
+    for p, g in zip(model.parameters(), expected):
+        assert torch.allclose(p.grad, g, rtol=1e-9, atol=1e-12)

@@ -6,9 +6,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from minitrain import data
-from minitrain.data import (ByteTokenizer, default_corpus, get_batch, get_batch_loop,
-                            load_tokens, pretokenize, split_tokens)
+from minitrain.data import (ByteTokenizer, default_corpus, get_batch_loop, load_tokens,
+                            pretokenize, split_tokens)
+from tests.implementation import under_test
 from tests.strategies import seeds
+
+get_batch = under_test("minitrain.data", "get_batch")
 
 pytestmark = pytest.mark.lesson02
 
@@ -160,3 +163,36 @@ def test_load_dataset_text_and_bin(tmp_path):
     pretokenize(text, tmp_path / "t.bin")
     mm = data.load_dataset(str(tmp_path / "t.bin"), mode="memmap")
     assert np.array_equal(mm, ids)
+
+
+def test_truncated_cache_is_rebuilt_never_used(tmp_path):
+    """A token cache cut short (even length, so it still loads as uint16) or missing its length
+    record is rebuilt on the next call: the tokens are the whole corpus again, never a prefix."""
+    full = load_tokens(data.corpus_cache_path(tmp_path, max_bytes=20_000))
+    path = data.corpus_cache_path(tmp_path, max_bytes=20_000)
+    path.write_bytes(path.read_bytes()[: len(full)])  # half the tokens (2 bytes each)
+    assert np.array_equal(load_tokens(data.corpus_cache_path(tmp_path, max_bytes=20_000)), full)
+    path.with_name(path.name + ".json").unlink()
+    path.write_bytes(path.read_bytes()[:100])
+    assert np.array_equal(load_tokens(data.corpus_cache_path(tmp_path, max_bytes=20_000)), full)
+    text = tmp_path / "t.txt"
+    text.write_text("abc" * 300)
+    ids = data.load_dataset(str(text), cache_dir=tmp_path / "c")
+    cached = next((tmp_path / "c").glob("text-*.bin"))
+    cached.write_bytes(cached.read_bytes()[:300])
+    assert np.array_equal(data.load_dataset(str(text), cache_dir=tmp_path / "c"), ids)
+
+
+def test_token_data_errors_name_the_fix(tmp_path):
+    """A .bin holding ids > 255 (a text file named .bin) is refused with one ValueError; the
+    fingerprint changes when a token changes and not when nothing does."""
+    fake = tmp_path / "text.bin"
+    fake.write_text("this is text, not uint16 token")  # even length: loads, ids are huge
+    with pytest.raises(ValueError, match="ids up to"):
+        data.load_dataset(str(fake))
+    arr = np.arange(5000, dtype=np.uint16) % 256
+    before = data.fingerprint(arr)
+    assert data.fingerprint(arr.copy()) == before
+    arr[4999] ^= 1  # the last token is always sampled
+    assert data.fingerprint(arr) != before
+    assert data.fingerprint(arr[:-1])["tokens"] == 4999

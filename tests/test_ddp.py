@@ -15,8 +15,10 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from torch.nn.parallel import DistributedDataParallel as TorchDDP
 
-from minitrain.ddp import DDP
+from tests.implementation import under_test
 from minitrain.distributed_utils import launch
+
+DDP = under_test("minitrain.ddp", "DDP")
 
 pytestmark = [pytest.mark.distributed, pytest.mark.lesson13]
 STEPS, ACCUM, LOCAL_B = 3, 2, 4
@@ -108,6 +110,11 @@ def _ddp_cases(rank, world, cases, seed):
             twice.append("no error")
         except RuntimeError as e:
             twice.append(str(e))
+        for _, work in ours._pending:  # the first backward's all-reduces are still in flight:
+            work.wait()  # dropping them unwaited lets the process exit (or destroy its group)
+        for bucket in ours._buckets:  # under a peer's collective -> SIGABRT under load
+            if bucket.work is not None:
+                bucket.work.wait()
         for p in ours.module.parameters():  # restore a consistent state, then drain the group
             p.grad = None
         ours._pending, ours._launched = [], set()

@@ -17,7 +17,7 @@ from tests.strategies import seeds
 from tests.trainer_helpers import read_metrics, tiny_config
 
 pytestmark = pytest.mark.trainer
-CONTRACT_FIELDS = dict(
+API_FIELDS = dict(
     steps=200, batch_size=16, seq_len=128, accum_steps=1, max_lr=1e-3, min_lr=1e-4,
     warmup_steps=20, clip_norm=1.0, weight_decay=0.1, n_layer=4, n_head=4, n_embd=128,
     attention="sdpa", native_layers=True, precision="fp32", compile=False, fused_adamw=False,
@@ -29,15 +29,15 @@ METRIC_FIELDS = {"step", "loss", "lr", "grad_norm", "clipped", "skipped", "scale
 
 
 
-def test_config_has_contract_fields_and_defaults():
-    """TrainConfig has every field of the contract with the contract's default."""
+def test_config_has_the_documented_fields_and_defaults():
+    """TrainConfig has every field API.md lists, with its documented default."""
     cfg = TrainConfig()
-    for name, default in CONTRACT_FIELDS.items():
+    for name, default in API_FIELDS.items():
         assert getattr(cfg, name) == default, name
 
 
 def test_metrics_checkpoint_and_result(data_bin, tmp_path):
-    """One metrics line per step with every contract field (val_loss on eval steps and the last);
+    """One metrics line per step with every documented field (val_loss on eval steps and the last);
     the checkpoint loads with weights_only=True and holds only plain types; RunResult agrees."""
     result = train(tiny_config(data_bin, tmp_path))
     assert isinstance(result, RunResult)

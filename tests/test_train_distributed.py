@@ -92,3 +92,102 @@ def test_torchrun_launch(data_bin, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("step 0 |") == 1  # rank 0 alone prints
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def _rank_with_nan_on_rank1(rank, world, cfg, at_step):
+    """Only rank 1 sees a nan loss at `at_step`: every rank must take the same decision."""
+    import torch
+
+    import minitrain.train as train_module
+
+    real = train_module.lm_loss
+    calls = {"n": 0}
+
+    def lm_loss(output, y):
+        loss = real(output, y)
+        if torch.is_grad_enabled():
+            calls["n"] += 1
+            if rank == 1 and calls["n"] - 1 == at_step:
+                return loss * float("nan")
+        return loss
+
+    train_module.lm_loss = lm_loss
+    try:
+        result = train(cfg)
+    finally:
+        train_module.lm_loss = real
+    model = train_module.load_model(result.checkpoint_path) if rank == 0 else None
+    return result.events, result.losses, model.state_dict() if model is not None else None
+
+
+@pytest.mark.parametrize("policy", ["skip", "rollback"])
+def test_ranks_agree_on_a_non_finite_step(data_bin, tmp_path, policy):
+    """DDP on 2 ranks, a nan loss on rank 1 only at step 2: both ranks record the same event
+    and action (the loss is all-reduced before the decision), nobody hangs, and the saved
+    weights are finite."""
+    import math
+
+    cfg = tiny(data_bin, tmp_path, steps=5, on_nonfinite=policy)
+    results = launch(_rank_with_nan_on_rank1, 2, cfg, 2, timeout_s=120)
+    assert results[0][0] == results[1][0] == [(2, "non-finite loss", policy)]
+    assert results[0][1][2] is None and results[0][1] == results[1][1]
+    assert all(math.isfinite(float(v.abs().max())) for v in results[0][2].values())
+
+
+def _children(pid):
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except OSError:
+        return []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc, sends SIGSTOP")
+def test_a_stuck_rank_ends_the_job_within_its_timeout(data_bin, tmp_path):
+    """torchrun, 2 ranks, --dist-timeout-s 5: SIGSTOP rank 1 mid-run. Rank 0's next collective
+    gives up after ~5 s and it prints ONE line naming the stuck rank and the resume point, well
+    inside the test's 90 s (without a timeout it would wait forever)."""
+    import signal
+    import threading
+    import time
+
+    timeout_s = 5
+    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+            "-m", "minitrain.train", "--steps", "100000", "--batch-size", "2", "--seq-len", "16",
+            "--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--warmup-steps", "1",
+            "--eval-iters", "1", "--eval-every", "100000", "--checkpoint-every", "2",
+            "--log-every", "0", "--data", data_bin, "--out-dir", str(tmp_path),
+            "--dist-timeout-s", str(timeout_s)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            cwd=ROOT, env=env, start_new_session=True)
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    reader.start()
+    victim = None
+    try:
+        metrics = tmp_path / "metrics.jsonl"
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and proc.poll() is None:
+            if metrics.exists() and metrics.read_text().count("\n") >= 3:
+                break
+            time.sleep(0.05)
+        for child in _children(proc.pid):
+            with open(f"/proc/{child}/environ", "rb") as f:
+                if b"RANK=1" in f.read().split(b"\0"):
+                    victim = child
+        assert victim is not None, "".join(lines)[-2000:]
+        os.kill(victim, signal.SIGSTOP)
+        stopped = time.monotonic()
+        while time.monotonic() - stopped < 60 and not any("collective failed" in x for x in lines):
+            time.sleep(0.05)
+        waited = time.monotonic() - stopped
+    finally:
+        if victim is not None:
+            os.kill(victim, signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    ours = [x for x in lines if x.startswith("python -m minitrain.train:")]
+    assert len(ours) == 1 and "rank 0: a collective failed" in ours[0], "".join(lines)[-2000:]
+    assert "--resume continues from step" in ours[0]
+    assert timeout_s - 1 < waited < timeout_s + 25, waited

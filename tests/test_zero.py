@@ -18,8 +18,12 @@ from torch.distributed.optim import ZeroRedundancyOptimizer as TorchZeroRedundan
 from torch.nn.utils import clip_grad_norm_ as torch_clip_grad_norm_
 
 from minitrain.distributed_utils import launch
-from minitrain.zero import (ZeroOptimizer, clip_sharded_grad_norm_, measured_bytes,
-                            partition_parameters, predicted_bytes, shard_model)
+from minitrain.parallel import clip_grad_norm_sharded
+from minitrain.zero import measured_bytes, predicted_bytes, shard_model
+from tests.implementation import under_test
+
+ZeroOptimizer, partition_parameters = under_test("minitrain.zero", "ZeroOptimizer",
+                                                   "partition_parameters")
 
 pytestmark = [pytest.mark.distributed, pytest.mark.lesson14]
 STEPS, LOCAL_B, TOL, CLIP = 3, 4, 1e-5, 0.05
@@ -64,7 +68,9 @@ def _train(model, opt, rank, world, seed, *, local, average, clip=None):
                     dist.all_reduce(p.grad)
                     p.grad.div_(world)
         if clip == "zero":
-            norms.append(opt.clip_grad_norm_(CLIP).item())
+            opt.reduce_gradients()  # stage 2: each gradient summed at its owner first
+            norms.append(clip_grad_norm_sharded(opt.owned_parameters(), CLIP,
+                                                sharded=opt.stage == 2).item())
         elif clip == "torch":
             norms.append(torch_clip_grad_norm_(model.parameters(), CLIP).item())
         opt.step()
@@ -192,7 +198,7 @@ def _gpt_cases(rank, world, seed):
             o.zero_grad()
             loss = m(batch[:, :-1], batch[:, 1:])[1]
             loss.backward()
-            norms.append((clip_sharded_grad_norm_(m.parameters(), 1e9) if m is model
+            norms.append((clip_grad_norm_sharded(m.parameters(), 1e9) if m is model
                           else torch_clip_grad_norm_(m.parameters(), 1e9)).item())
             o.step()
             losses.append(loss.item())
@@ -213,7 +219,7 @@ def _gpt_cases(rank, world, seed):
 @pytest.mark.parametrize("world", [2, 3])
 def test_shard_model_trains_like_unsharded_and_shards_memory(world):
     """shard_model (ZeRO-3) on the tiny GPT, 2 AdamW steps on each rank's slice, computes the
-    logits and gradient norm (clip_sharded_grad_norm_) of the unsharded model trained on the
+    logits and gradient norm (clip_grad_norm_sharded) of the unsharded model trained on the
     whole batch; each rank stores about 1/N of the
     parameters, gradients and AdamW state; ZeRO-1 state per rank is within 10% of total/N."""
     results = launch(_gpt_cases, world, 3, timeout_s=90)

@@ -1,7 +1,7 @@
 """Small shared pieces of the trainer tests: a tiny, fast TrainConfig and a metrics reader."""
-import json
 import pathlib
 
+from minitrain.files import read_jsonl
 from minitrain.train import TrainConfig
 
 
@@ -15,6 +15,5 @@ def tiny_config(data_bin, out_dir, **overrides):
 
 
 def read_metrics(out_dir):
-    """metrics.jsonl as a list of dicts, one per optimizer step."""
-    lines = (pathlib.Path(out_dir) / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines]
+    """metrics.jsonl as a list of dicts, one per optimizer step (any bad line is an error)."""
+    return read_jsonl(pathlib.Path(out_dir) / "metrics.jsonl", on_bad_line="raise")
