@@ -137,7 +137,8 @@ def main():
     for name in ("warmup+cosine", "one-cycle", "inverse sqrt"):
         assert runs[name][2] < constant_val, f"{name} (with warmup) should end below constant"
     assert runs["plateau"][0][-1] < PEAK, "the plateau rule should have cut the lr at least once"
-    assert runs["one-cycle"][0][0] == PEAK / 25 and max(runs["one-cycle"][0]) == PEAK
+    assert math.isclose(runs["one-cycle"][0][0], PEAK / 25) and \
+        math.isclose(max(runs["one-cycle"][0]), PEAK), "one-cycle: start at peak/25, reach peak"
 
 
 if __name__ == "__main__":

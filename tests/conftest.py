@@ -3,12 +3,13 @@
 Profiles are chosen with the HYPOTHESIS_PROFILE environment variable:
   ci        (default) few examples, no deadline: the whole suite fits in `make test`'s budget.
   thorough  many examples, for a deep local run:  HYPOTHESIS_PROFILE=thorough make test
+  exercises, exercises-quick, exercises-small: `make check` and tests/test_exercises.py (below)
 """
 import os
 
 import pytest
 import torch
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 
 settings.register_profile(
     "ci",
@@ -25,6 +26,14 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     print_blob=True,
 )
+# make check NAME=... (tests/exercise_check.py): ci's examples, and no example database, so a
+# learner's failing examples are never replayed against minitrain (and every check is repeatable).
+settings.register_profile("exercises", settings.get_profile("ci"), database=None)
+# tests/test_exercises.py: a few examples, no shrinking (the stub fails at once anyway); and a few
+# examples WITH shrinking, to show a buggy file's minimal counterexample.
+settings.register_profile("exercises-quick", settings.get_profile("exercises"), max_examples=3,
+                          phases=[Phase.explicit, Phase.reuse, Phase.generate])
+settings.register_profile("exercises-small", settings.get_profile("exercises"), max_examples=6)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # Two cores are shared by the test process and the processes it spawns: one thread each keeps

@@ -11,8 +11,11 @@ from hypothesis import given
 from torch.nn.functional import scaled_dot_product_attention as torch_sdpa
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from minitrain.attention import flash_attention, flash_attention_traced, naive_attention
+from tests.implementation import under_test
 from tests.strategies import seeds
+
+flash_attention, flash_attention_traced, naive_attention = under_test(
+    "minitrain.attention", "flash_attention", "flash_attention_traced", "naive_attention")
 
 pytestmark = pytest.mark.lesson08
 
@@ -57,7 +60,6 @@ def test_flash_equals_sdpa(problem, block_size):
     """flash_attention's output and dq, dk, dv equal SDPA's for any shape, block size (dividing T
     or not), Tq != Tk with top-left causal alignment, and custom scale."""
     q, k, v, grad_out, scale, causal = problem
-    block_size = max(block_size, 3)  # block 1-2 is correct too, only slow in a Python loop
     fn = lambda a, b, c: flash_attention(a, b, c, causal=causal, scale=scale, block_size=block_size)
     assert_matches_sdpa(fn, q, k, v, grad_out, is_causal=causal, scale=scale)
 
@@ -98,11 +100,19 @@ def test_naive_with_mask_equals_sdpa(problem, mask_seed, additive, broadcast, co
 
 @pytest.mark.parametrize("Tq, Tk", [(5, 0), (0, 7)])
 @pytest.mark.parametrize("causal", [False, True])
-def test_empty_sequences_give_zeros_like_sdpa(Tq, Tk, causal):
-    """No keys at all (every row fully masked) or no queries: both return what SDPA returns."""
+def test_flash_empty_sequences_give_zeros_like_sdpa(Tq, Tk, causal):
+    """No keys at all (every row fully masked) or no queries: flash returns what SDPA returns."""
     q, k, v = torch.randn(2, Tq, 4), torch.randn(2, Tk, 4), torch.randn(2, Tk, 3)
     ref = torch_sdpa(q, k, v, is_causal=causal)
     torch.testing.assert_close(flash_attention(q, k, v, causal=causal, block_size=3), ref)
+
+
+@pytest.mark.parametrize("Tq, Tk", [(5, 0), (0, 7)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_naive_empty_sequences_give_zeros_like_sdpa(Tq, Tk, causal):
+    """No keys at all (every row fully masked) or no queries: naive returns what SDPA returns."""
+    q, k, v = torch.randn(2, Tq, 4), torch.randn(2, Tk, 4), torch.randn(2, Tk, 3)
+    ref = torch_sdpa(q, k, v, is_causal=causal)
     torch.testing.assert_close(naive_attention(q, k, v, causal=causal), ref)
 
 
@@ -188,15 +198,26 @@ def test_trace_reports_the_final_log_sum_exp():
     torch.testing.assert_close(lse, ref)
 
 
-def test_bad_arguments_raise_value_error():
-    """Mismatched head dims, mismatched k/v lengths or a bad block size name the argument."""
+def test_flash_bad_arguments_raise_value_error():
+    """flash_attention: mismatched head dims, mismatched k/v lengths or a bad block size raise a
+    ValueError naming the problem."""
     q, k, v = torch.randn(1, 4, 8), torch.randn(1, 5, 8), torch.randn(1, 5, 3)
     with pytest.raises(ValueError, match="last dim"):
         flash_attention(q, torch.randn(1, 5, 7), v)
     with pytest.raises(ValueError, match="Tk"):
-        naive_attention(q, k, torch.randn(1, 6, 3))
+        flash_attention(q, k, torch.randn(1, 6, 3))
     with pytest.raises(ValueError, match="block_size"):
         flash_attention(q, k, v, block_size=0)
+
+
+def test_naive_bad_arguments_raise_value_error():
+    """naive_attention: mismatched head dims or mismatched k/v lengths raise a ValueError naming
+    the problem."""
+    q, k, v = torch.randn(1, 4, 8), torch.randn(1, 5, 8), torch.randn(1, 5, 3)
+    with pytest.raises(ValueError, match="last dim"):
+        naive_attention(q, torch.randn(1, 5, 7), v)
+    with pytest.raises(ValueError, match="Tk"):
+        naive_attention(q, k, torch.randn(1, 6, 3))
 
 
 class MatmulCounter(TorchDispatchMode):

@@ -9,7 +9,9 @@ from hypothesis import settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 from torch.amp import GradScaler as TorchGradScaler
 
-from minitrain.grad_scaler import GradScaler
+from tests.implementation import under_test
+
+GradScaler = under_test("minitrain.grad_scaler", "GradScaler")
 
 pytestmark = pytest.mark.lesson05
 
@@ -24,6 +26,15 @@ def _outcome(fn):
         return (type(exc), str(exc))
 
 
+class MarkedSGD(torch.optim.SGD):
+    """SGD whose step() returns a marker, so a test can see whether the scaler really called it
+    and handed its return value back (plain SGD.step() returns None, like a skipped step)."""
+
+    def step(self, closure=None):
+        super().step(closure)
+        return "stepped"
+
+
 class Side:
     """One scaler with its own copy of two parameter tensors and two SGD optimizers."""
 
@@ -31,8 +42,8 @@ class Side:
         gen = torch.Generator().manual_seed(seed)
         self.params = [torch.nn.Parameter(torch.randn(4, generator=gen)),
                        torch.nn.Parameter(torch.randn(2, 3, generator=gen))]
-        self.opts = [torch.optim.SGD([self.params[0]], lr=0.1, momentum=0.9),
-                     torch.optim.SGD([self.params[1]], lr=0.05)]
+        self.opts = [MarkedSGD([self.params[0]], lr=0.1, momentum=0.9),
+                     MarkedSGD([self.params[1]], lr=0.05)]
         self.scaler = scaler
 
 
@@ -55,8 +66,9 @@ class GradScalerMachine(RuleBasedStateMachine):
     def _both(self, fn):
         a = _outcome(lambda: fn(self.ref))
         b = _outcome(lambda: fn(self.mine))
-        assert a[0] == b[0] and (a[0] == "ok" or a[1] == b[1]), (a, b)
-        return a
+        assert a[0] == b[0] and (a[0] == "ok" or a[1] == b[1]), (
+            f"built-in: {a[0]} {a[1]!r}; yours: {b[0]} {b[1]!r}")
+        return a, b
 
     @rule(kind=st.sampled_from(GRAD_KINDS), which=st.sampled_from([0, 1, None]))
     def backward(self, kind, which):
@@ -86,13 +98,15 @@ class GradScalerMachine(RuleBasedStateMachine):
 
     @rule(i=st.sampled_from([0, 1]))
     def step(self, i):
-        """step: skipped (returns None, params untouched) exactly when the built-in skips."""
-        out = self._both(lambda s: s.scaler.step(s.opts[i]))
-        if out[0] == "ok":
+        """step: skipped (returns None, params untouched) exactly when the built-in skips;
+        otherwise it returns what optimizer.step() returned."""
+        ref, mine = self._both(lambda s: s.scaler.step(s.opts[i]))
+        if ref[0] == "ok":
             found = self.ref.scaler._found_inf_per_device(self.ref.opts[i])
             skipped = sum(v.item() for v in found.values()) > 0
             self.ref_skipped += int(skipped)
-            assert out[1] is None
+            assert ref[1] == (None if skipped else "stepped")       # the built-in's behaviour
+            assert mine[1] == ref[1], f"step returned {mine[1]!r}, the built-in {ref[1]!r}"
             assert self.mine.scaler.last_step_skipped == skipped
 
     @rule()
@@ -142,6 +156,11 @@ class GradScalerMachine(RuleBasedStateMachine):
 
 GradScalerMachine.TestCase.settings = settings(settings.default, stateful_step_count=30)
 TestGradScalerEqualsTorch = GradScalerMachine.TestCase
+TestGradScalerEqualsTorch.__doc__ = (
+    "Driven by the same random sequence of calls (backward with finite, tiny, inf, nan or "
+    "overflowing gradients, unscale_, step, update, update(new_scale), zero_grad, a checkpoint "
+    "round trip), your GradScaler and torch.amp.GradScaler('cpu') agree after every call: same "
+    "scale, growth tracker, state_dict, parameters, gradients, skipped steps and errors.")
 
 
 @pytest.mark.parametrize("setup, calls", [
@@ -214,14 +233,15 @@ def test_misuse_errors(make):
 def test_disabled_is_a_passthrough_and_state_dict_keys_match():
     """enabled=False: scale returns its input, step just steps, get_scale is 1.0, state_dict is
     {} (like the built-in); enabled: the state_dict has exactly the built-in's keys."""
-    p, opt = _sgd()
+    p, _ = _sgd()
+    opt = MarkedSGD([p], lr=0.1)
     s = GradScaler(enabled=False)
     loss = p.sum()
     assert s.scale(loss) is loss
     loss.backward()
     before = p.detach().clone()
     s.unscale_(opt)
-    assert s.step(opt) is None and not torch.equal(p, before)
+    assert s.step(opt) == "stepped" and not torch.equal(p, before)
     s.update()
     assert s.get_scale() == 1.0 and s.state_dict() == {}
     assert set(GradScaler().state_dict()) == set(TorchGradScaler("cpu").state_dict())

@@ -8,8 +8,11 @@ from hypothesis import strategies as st
 from torch.optim import SGD as TorchSGD
 from torch.optim import AdamW as TorchAdamW
 
-from minitrain.large_batch import LAMB, LARS, scaled_lr
+from minitrain.large_batch import scaled_lr
+from tests.implementation import under_test
 from strategies import seeds
+
+LARS, LAMB = under_test("minitrain.large_batch", "LARS", "LAMB")
 
 pytestmark = pytest.mark.lesson26
 

@@ -2,7 +2,6 @@
 import itertools
 import math
 
-import hypothesis.strategies as st
 import pytest
 import torch
 from hypothesis import given, settings
@@ -72,9 +71,23 @@ def test_gpt2_initialization_and_weight_tying():
     c_proj = torch.cat([b.mlp.c_proj.weight.flatten() for b in model.transformer.h])
     assert abs(c_proj.std().item() - 0.02 / math.sqrt(8)) < 0.001
     assert all(b.attn.c_attn.bias.abs().max() == 0 for b in model.transformer.h)
-    assert model.num_params() == sum(p.numel() for p in model.parameters())
-    n_distinct = sum(p.numel() for p in {id(p): p for p in model.state_dict().values()}.values())
-    assert model.num_params() < n_distinct  # the state_dict lists the tied matrix twice
+    n_listed = sum(p.numel() for p in model.state_dict().values())
+    assert model.num_params() < n_listed  # the state_dict lists the tied matrix twice
+
+
+@pytest.mark.parametrize("cfg", [dict(), dict(n_layer=3, n_embd=48, n_head=3, block_size=40),
+                                 dict(vocab_size=97, n_layer=1, n_embd=16, n_head=2)])
+def test_num_params_equals_the_gpt2_formula(cfg):
+    """num_params counts what the architecture has, by a formula written independently of the
+    code: V*C (wte, tied with the head, counted once) + block_size*C (wpe) + n_layer *
+    (12 C^2 + 13 C) (two LayerNorms 2C each, qkv 3C^2+3C, proj C^2+C, MLP 4C^2+4C and 4C^2+C)
+    + 2C (final LayerNorm); non_embedding leaves out wpe."""
+    config = {**SMALL, **cfg}
+    V, Tb, L, C = (config[k] for k in ("vocab_size", "block_size", "n_layer", "n_embd"))
+    expected = V * C + Tb * C + L * (12 * C * C + 13 * C) + 2 * C
+    model = small_model(**cfg)
+    assert model.num_params() == expected
+    assert model.num_params(non_embedding=True) == expected - Tb * C
 
 
 def test_ignore_index_targets_do_not_count():

@@ -11,10 +11,13 @@ from torch.utils.flop_counter import FlopCounterMode as TorchFlopCounterMode
 
 from minitrain import profile
 from minitrain.model import GPT, GPTConfig
-from minitrain.profile import count_flops, flops_per_token, mfu, n_params_for_flops
+from minitrain.profile import flops_per_token, mfu, n_params_for_flops
+from tests.implementation import under_test
 from minitrain.step_profiler import (StepProfiler, export_chrome_trace, top_operators,
                                      trace_names, write_profile_report)
 from tests.strategies import gpt_shapes, seeds
+
+count_flops = under_test("minitrain.profile", "count_flops")
 
 pytestmark = pytest.mark.lesson17
 

@@ -6,8 +6,10 @@ import torch.nn as nn
 from hypothesis import given
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
-from minitrain.recompute import checkpoint
+from tests.implementation import under_test
 from tests.strategies import seeds
+
+checkpoint = under_test("minitrain.recompute", "checkpoint")
 
 pytestmark = pytest.mark.model
 

@@ -10,7 +10,10 @@ from torch.optim.lr_scheduler import CosineAnnealingLR as TorchCosineAnnealingLR
 from torch.optim.lr_scheduler import LinearLR as TorchLinearLR
 from torch.optim.lr_scheduler import SequentialLR as TorchSequentialLR
 
-from minitrain.schedule import WarmupCosine, set_lr, warmup_cosine
+from tests.implementation import under_test
+
+WarmupCosine, set_lr, warmup_cosine = under_test(
+    "minitrain.schedule", "WarmupCosine", "set_lr", "warmup_cosine")
 
 pytestmark = pytest.mark.lesson03
 
@@ -60,7 +63,8 @@ def test_warmup_cosine_equals_torch_sequential_lr_at_every_step(cfg):
             expected = opt.param_groups[0]["lr"]
             got = warmup_cosine(step, max_lr=max_lr, total_steps=total, warmup_steps=warmup,
                                 min_lr=min_lr)
-            assert _close(got, expected, max_lr), (step, got, expected)
+            assert _close(got, expected, max_lr), (
+                f"step {step}: yours {got!r}, built-in SequentialLR {expected!r}")
             opt.step()
             sched.step()
 
@@ -72,16 +76,18 @@ def test_schedule_shape_invariants(cfg, extra):
     max_lr, total, warmup, min_lr = cfg
     kw = dict(max_lr=max_lr, total_steps=total, warmup_steps=warmup, min_lr=min_lr)
     lrs = [warmup_cosine(s, **kw) for s in range(total + 1)]
-    assert all(0.0 <= lr <= max_lr * (1 + 1e-12) for lr in lrs)
+    assert all(0.0 <= lr <= max_lr * (1 + 1e-12) for lr in lrs), f"lrs outside [0, max_lr]: {lrs}"
     if warmup > 0:
-        assert lrs[0] == pytest.approx(max_lr / warmup) and lrs[0] > 0
-        assert lrs[warmup - 1] == pytest.approx(max_lr)
+        assert lrs[0] == pytest.approx(max_lr / warmup) and lrs[0] > 0, (
+            f"step 0: lr {lrs[0]!r}, expected max_lr / W = {max_lr / warmup!r}")
+        assert lrs[warmup - 1] == pytest.approx(max_lr), f"last warmup step: {lrs[warmup - 1]!r}"
     if warmup < total:
-        assert lrs[warmup] == pytest.approx(max_lr)
-        assert lrs[total] == pytest.approx(min_lr, abs=1e-15 * max_lr)
-    assert warmup_cosine(total + 1 + extra, **kw) == pytest.approx(min_lr, abs=1e-15 * max_lr)
+        assert lrs[warmup] == pytest.approx(max_lr), f"step W: {lrs[warmup]!r}, expected max_lr"
+        assert lrs[total] == pytest.approx(min_lr, abs=1e-15 * max_lr), f"step T: {lrs[total]!r}"
+    late = warmup_cosine(total + 1 + extra, **kw)
+    assert late == pytest.approx(min_lr, abs=1e-15 * max_lr), f"step {total + 1 + extra}: {late!r}"
     decay = lrs[warmup:]
-    assert all(a >= b - 1e-15 * max_lr for a, b in zip(decay, decay[1:]))
+    assert all(a >= b - 1e-15 * max_lr for a, b in zip(decay, decay[1:])), f"not decaying: {decay}"
 
 
 @given(schedules(), st.integers(0, 40), st.lists(st.floats(1e-5, 5.0), min_size=1, max_size=3))
@@ -160,5 +166,6 @@ def test_set_lr_sets_every_group_and_miscounted_total_bug_is_visible():
     assert [g["lr"] for g in opt.param_groups] == [0.25, 0.25, 0.25]
     right = warmup_cosine(100, max_lr=1.0, total_steps=100, warmup_steps=10, min_lr=0.1)
     wrong = warmup_cosine(100, max_lr=1.0, total_steps=400, warmup_steps=10, min_lr=0.1)
-    assert right == pytest.approx(0.1) and wrong > 0.8
-    assert math.isclose(warmup_cosine(0, max_lr=1.0, total_steps=100, warmup_steps=10), 0.1)
+    assert right == pytest.approx(0.1) and wrong > 0.8, (right, wrong)
+    first = warmup_cosine(0, max_lr=1.0, total_steps=100, warmup_steps=10)
+    assert math.isclose(first, 0.1), f"step 0 of a 10-step warmup to 1.0: {first!r}, expected 0.1"
