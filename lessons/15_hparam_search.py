@@ -13,28 +13,23 @@ from a measured run), then run a right-sized staged search on the tiny GPT inste
            waypoint, not a verdict, when the seed-to-seed spread is as large as the gap.
 Every trial is logged to a JSONL file; rerunning a stage with its log trains nothing.
 
-Slide/lab: "Tuning: search with evidence, within a budget" (the course's last lever).
+Serves: Module 8 deck slides 11 and 21-23 (grid mechanics, right-sizing, coarse to fine);
+M8-LAB-05, M8-LAB-06, M8-CODE-01 (hparam_search.py).
 Prerequisites: lesson 03 (warmup + cosine: what max_lr, warmup_steps and min_lr mean), lesson 07
 (fair timing), `minitrain.train` (the trainer this search calls), `minitrain.hparam`.
 
-Run: python lessons/15_hparam_search.py   (< 60 s on 2 cores; figures in outputs/lesson15/)
+Run: python lessons/15_hparam_search.py   (figures in outputs/lesson15/; timing: see main())
 """
 import math
-import pathlib
 import statistics
 import time
 
-import matplotlib
+import matplotlib.pyplot as plt  # headless: falls back to Agg (the Makefile sets MPLBACKEND=Agg)
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-
-from minitrain import hparam  # noqa: E402
-from minitrain.train import TrainConfig  # noqa: E402
-
-OUT = pathlib.Path("outputs/lesson15")
-NAVY, GOLD, MUTED, TEXT, PANEL = "#1A365D", "#C9A227", "#A0AEC0", "#2D3748", "#F0F4F8"
+from minitrain import hparam
+from minitrain.style import BACKGROUND, GOLD, MUTED, NAVY, PANEL, outputs_dir
+from minitrain.train import TrainConfig
 
 # The classic course grid (8 axes): every combination is one full training run.
 CLASSIC_GRID = {
@@ -62,7 +57,7 @@ def fmt_config(config):
 
 
 def plot_lr_and_seeds(short, sweep, finalists, path):
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.8), facecolor="#FAFAFA")
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.8), facecolor=BACKGROUND)
     for axis in (ax, bx):
         axis.set_facecolor(PANEL)
     for res, color, label in ((short, MUTED, f"after {short.best_budget} steps"),
@@ -92,7 +87,7 @@ def plot_lr_and_seeds(short, sweep, finalists, path):
 def plot_halving(result, path):
     """One panel per round: its configs' val loss, best first; gold = promoted to the next round."""
     rounds = result.rounds
-    fig, axes = plt.subplots(1, len(rounds), figsize=(13, 4.8), facecolor="#FAFAFA",
+    fig, axes = plt.subplots(1, len(rounds), figsize=(13, 4.8), facecolor=BACKGROUND,
                              gridspec_kw={"width_ratios": [len(r["ranked"]) + 1 for r in rounds]})
     for i, (ax, rnd) in enumerate(zip(axes, rounds)):
         ax.set_facecolor(PANEL)
@@ -116,10 +111,13 @@ def plot_halving(result, path):
 
 def main():
     start = time.perf_counter()
+    # One thread: the fastest for these tiny models (each trial is a few ms of matmuls, too small
+    # to split across cores). Measured on the shared 2-core course machine: 52 s with 1 thread,
+    # 24 min with 2 (idle OpenMP threads spin on busy cores). Same losses either way.
     torch.set_num_threads(1)
-    OUT.mkdir(parents=True, exist_ok=True)
-    train_fn = hparam.make_gpt_train_fn(TrainConfig(**TINY), out_root=OUT)
-    logs = {name: OUT / f"{name}.jsonl" for name in ("lr_sweep", "halving")}
+    out = outputs_dir("lesson15")  # <repo>/outputs/lesson15, wherever the script is started
+    train_fn = hparam.make_gpt_train_fn(TrainConfig(**TINY), out_root=out)
+    logs = {name: out / f"{name}.jsonl" for name in ("lr_sweep", "halving")}
     for log in logs.values():  # a fresh search each run; the resume demo is below
         log.unlink(missing_ok=True)
 
@@ -192,9 +190,9 @@ def main():
     print(f"\nBest configuration (staged search): {fmt_config(finalists[0]['config'])}  "
           f"val loss {finalists[0]['mean']:.4f} ± {finalists[0]['std']:.4f}")
 
-    plot_lr_and_seeds(short, sweep, finalists, OUT / "val_loss_vs_lr.png")
-    plot_halving(halving, OUT / "halving_rounds.png")
-    print(f"figures: {OUT / 'val_loss_vs_lr.png'}, {OUT / 'halving_rounds.png'}  "
+    plot_lr_and_seeds(short, sweep, finalists, out / "val_loss_vs_lr.png")
+    plot_halving(halving, out / "halving_rounds.png")
+    print(f"figures: {out / 'val_loss_vs_lr.png'}, {out / 'halving_rounds.png'}  "
           f"({time.perf_counter() - start:.1f} s)")
 
     # The lesson's claims, asserted.

@@ -1,11 +1,17 @@
 """Lesson 15: budget-aware hyperparameter search (minitrain.hparam).
 
-Cheap analytic objectives stand in for training everywhere except one smoke test of the GPT hook:
-the properties are about the search, not the model.
+Cheap analytic objectives stand in for training everywhere except two short runs of the GPT hook
+(a smoke test and a forced divergence): the properties are about the search, not the model.
 """
 import itertools
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
 
 import hypothesis.strategies as st
 import pytest
@@ -218,13 +224,14 @@ def test_bad_arguments_raise_value_error_naming_the_argument(space, kwargs, matc
 
 def test_gpt_train_fn_smoke(tmp_path):
     """The trainer hook trains the tiny GPT for `budget` steps and returns a finite val loss near
-    ln(256) = 5.55; unknown config keys are a ValueError naming them."""
-    pytest.importorskip("minitrain.train")
+    ln(256) = 5.55, leaving no trial folder behind; unknown config keys are a ValueError naming
+    them."""
     train_fn = hparam.make_gpt_train_fn(out_root=tmp_path)
     with pytest.raises(ValueError, match="not TrainConfig fields"):
         train_fn({"learning_rate": 1e-3}, 2)
     loss = train_fn({"max_lr": 1e-3, "batch_size": 2, "seq_len": 16, "n_layer": 1}, 3)
     assert math.isfinite(loss) and 3.0 < loss < 7.0
+    assert not list(tmp_path.glob(hparam.TRIAL_PREFIX + "*"))
 
 
 def test_duplicate_configs_are_tried_once():
@@ -232,3 +239,213 @@ def test_duplicate_configs_are_tried_once():
     fn = Counter(bowl)
     result = hparam.search({"lr": [1e-3, 1e-2, 1e-3]}, fn, budget=1, progress=False)
     assert fn.calls == 2 and len(result.summary) == 2 and len(result.trials) == 2
+
+
+# --- Robustness (issue 10 item 6): failed and diverged trials, budgets, trial folders ----------
+
+def flaky(config, budget):
+    """x=2 is an invalid trial (raises), x=3 diverges, the others train."""
+    if config["x"] == 2:
+        raise ValueError("n_embd must be divisible by n_head")
+    return math.nan if config["x"] == 3 else float(config["x"])
+
+
+def test_failed_trial_is_logged_and_the_search_goes_on(tmp_path):
+    """A trial whose train_fn raises is logged as failed (val_loss null, the reason), ranks
+    worst, and the search finishes; a rerun skips it; retry_failed=True trains it again."""
+    log = tmp_path / "trials.jsonl"
+    with pytest.warns(UserWarning, match="failed: ValueError: n_embd must be divisible"):
+        result = hparam.search({"x": [2, 1, 3, 4]}, flaky, budget=1, log_path=log, progress=False)
+    assert result.best_config == {"x": 1} and result.n_failed == 2
+    records = {r["config"]["x"]: r for r in hparam.read_log(log)}
+    assert records[2]["status"] == "failed" and records[2]["val_loss"] is None
+    assert "n_embd must be divisible" in records[2]["reason"]
+    assert records[3]["status"] == "diverged" and records[3]["val_loss"] is None
+    assert records[1]["status"] == "ok" and records[1]["val_loss"] == 1.0
+    again = Counter(flaky)
+    hparam.search({"x": [2, 1, 3, 4]}, again, budget=1, log_path=log, progress=False)
+    assert again.calls == 0
+    retry = Counter(lambda c, b: float(c["x"]))  # the bug is fixed
+    fixed = hparam.search({"x": [2, 1, 3, 4]}, retry, budget=1, log_path=log, progress=False,
+                          retry_failed=True)
+    assert retry.calls == 1 and fixed.n_failed == 1  # only x=2 retrained; x=3 stays diverged
+    assert hparam.read_log(log)[-1]["status"] == "ok"
+
+
+def test_every_trial_failing_raises_with_the_first_reason():
+    """When no trial could run at all, search raises RuntimeError quoting the first reason
+    instead of returning an arbitrary 'best' config."""
+    def broken(config, budget):
+        raise KeyError("oops")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(RuntimeError, match="every trial failed.*KeyError"):
+            hparam.search({"x": [1, 2]}, broken, budget=1, progress=False)
+
+
+def test_setup_errors_stop_the_search_and_are_not_logged(tmp_path):
+    """A SearchSetupError (a mistake every trial would repeat) propagates at the first trial and
+    leaves nothing in the log."""
+    log = tmp_path / "trials.jsonl"
+
+    def wrong_keys(config, budget):
+        raise hparam.SearchSetupError("config has keys that are not TrainConfig fields")
+
+    with pytest.raises(hparam.SearchSetupError):
+        hparam.search({"x": [1, 2]}, wrong_keys, budget=1, log_path=log, progress=False)
+    assert hparam.read_log(log) == []
+
+
+def steps_fn(config, budget):
+    return bowl(config, budget)
+
+
+steps_fn.integer_budget = True  # like make_gpt_train_fn: budgets are steps
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(budget=2.5), "budget must be an int"), (dict(budget=3.0), "budget must be an int"),
+    (dict(budget=True), "budget must be a positive"),
+    (dict(budget=math.inf), "budget must be a positive"),
+    (dict(budget=math.nan), "budget must be a positive"),
+    (dict(budget="9"), "budget must be a positive"),
+    (dict(budget=9, strategy="halving", min_budget=0.5), "min_budget must be an int"),
+])
+def test_bad_budgets_are_refused_before_training(kwargs, match, tmp_path):
+    """A budget that is not a positive finite number, or not an int for a train_fn counting
+    steps, is a ValueError before any trial runs and before anything is logged."""
+    log = tmp_path / "trials.jsonl"
+    fn = Counter(steps_fn)
+    fn.integer_budget = True
+    with pytest.raises(ValueError, match=match):
+        hparam.search(SPACE, fn, log_path=log, progress=False, **kwargs)
+    assert fn.calls == 0 and not log.exists()
+
+
+def test_halving_logs_exactly_the_int_budget_each_trial_got(tmp_path):
+    """With an int budget every round's budget is an int, and the logged budget is exactly the
+    one train_fn received (no 2.5 logged for 2 steps trained)."""
+    log = tmp_path / "trials.jsonl"
+    received = []
+
+    def recording(config, budget):
+        received.append(budget)
+        return bowl(config, budget)
+
+    recording.integer_budget = True
+    hparam.search(SPACE, recording, strategy="halving", budget=10, eta=3, log_path=log,
+                  progress=False)
+    logged = [r["budget"] for r in hparam.read_log(log)]
+    assert logged == received and all(type(b) is int for b in logged)
+
+
+def test_gpt_hook_refuses_a_non_int_budget(tmp_path):
+    """Called directly, the GPT hook refuses budget=2.5 instead of training int(2.5) steps."""
+    train_fn = hparam.make_gpt_train_fn(out_root=tmp_path)
+    assert train_fn.integer_budget is True
+    with pytest.raises(ValueError, match="budget must be an int"):
+        train_fn({"max_lr": 1e-3}, 2.5)
+
+
+class _NoValLoss:
+    final_val_loss = None  # what RunResult holds when no evaluation was finite
+
+
+@pytest.mark.parametrize("outcome, status", [
+    ("diverged", "diverged"), ("invalid", "failed"), ("exit", "failed")])
+def test_gpt_hook_logs_diverged_and_invalid_trials(outcome, status, tmp_path, monkeypatch):
+    """The GPT hook never crashes the search: a run without a finite val loss is logged as
+    diverged (it used to crash on float(None)); a trainer that raises or exits is logged as
+    failed; the trial folder is deleted in every case."""
+    def fake_train(cfg):
+        assert os.path.isdir(cfg.out_dir)
+        if outcome == "invalid":
+            raise ValueError("n_head must divide n_embd")
+        if outcome == "exit":
+            raise SystemExit(1)
+        return _NoValLoss()
+
+    monkeypatch.setattr("minitrain.train.train", fake_train)
+    train_fn = hparam.make_gpt_train_fn(out_root=tmp_path / "trials")
+    log = tmp_path / "trials.jsonl"
+    good = {"max_lr": 1e-3}
+    space = {"max_lr": [1e3, 1e-3]}
+
+    def two(config, budget):  # max_lr=1e3 goes to the (faked) trainer; 1e-3 is a healthy trial
+        return 1.0 if config == good else train_fn(config, budget)
+
+    two.integer_budget = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = hparam.search(space, two, budget=3, log_path=log, progress=False)
+    assert result.best_config == good
+    record = hparam.read_log(log)[0]
+    assert record["config"] == {"max_lr": 1e3} and record["status"] == status
+    assert record["val_loss"] is None and record["reason"]
+    assert not list((tmp_path / "trials").glob(hparam.TRIAL_PREFIX + "*"))
+
+
+def test_gpt_hook_survives_a_real_divergence(tmp_path):
+    """max_lr=1e3 on the real trainer: the search does not crash, and the logged trial is
+    consistent (val_loss null exactly when it is not ok)."""
+    train_fn = hparam.make_gpt_train_fn(out_root=tmp_path)
+    tiny = {"batch_size": 2, "seq_len": 16, "n_layer": 1, "warmup_steps": 0}
+    log = tmp_path / "trials.jsonl"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            hparam.search({"max_lr": [1e3]}, lambda c, b: train_fn({**c, **tiny}, b), budget=4,
+                          log_path=log, progress=False)
+        except RuntimeError as error:  # a trainer that stops on divergence: every trial failed
+            assert "every trial failed" in str(error)
+    (record,) = hparam.read_log(log)
+    assert record["status"] in ("ok", "diverged", "failed")
+    assert (record["val_loss"] is None) == (record["status"] != "ok")
+    assert not list(tmp_path.glob(hparam.TRIAL_PREFIX + "*"))
+
+
+KILLED_TRIAL = """
+import pathlib, sys, time
+import minitrain.train
+def fake_train(cfg):
+    pathlib.Path(cfg.out_dir, "started").write_text("x")
+    time.sleep(120)
+minitrain.train.train = fake_train
+from minitrain import hparam
+hparam.make_gpt_train_fn(out_root=sys.argv[1])({"max_lr": 1e-3}, 3)
+"""
+
+
+def test_a_killed_trials_folder_is_removed_at_the_next_start(tmp_path):
+    """SIGKILL during a trial leaves its folder behind; the next make_gpt_train_fn on the same
+    out_root deletes it, but keeps the folder of a process that is still alive."""
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_TRIAL, str(tmp_path)])
+    try:
+        for _ in range(600):  # up to 60 s for the child to import torch and start its trial
+            if list(tmp_path.glob(hparam.TRIAL_PREFIX + "*/started")) or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert list(tmp_path.glob(hparam.TRIAL_PREFIX + "*/started")), "the trial never started"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    (left,) = tmp_path.glob(hparam.TRIAL_PREFIX + "*")
+    assert left.name.startswith(f"{hparam.TRIAL_PREFIX}{proc.pid}_")
+    alive = tmp_path / f"{hparam.TRIAL_PREFIX}{os.getppid()}_running"  # a live search's trial
+    alive.mkdir()
+    hparam.make_gpt_train_fn(out_root=tmp_path)
+    assert not left.exists() and alive.exists()
+
+
+def test_unreadable_middle_line_is_skipped_with_a_warning(tmp_path):
+    """A corrupt line inside the log is skipped with a warning; the trials around it are kept."""
+    log = tmp_path / "trials.jsonl"
+    hparam.search({"lr": [1e-3]}, bowl, budget=1, log_path=log, progress=False)
+    with open(log, "a") as f:
+        f.write("not json\n")
+    with pytest.warns(UserWarning, match="skipped 1 unreadable"):
+        hparam.search({"lr": [1e-3, 1e-2]}, bowl, budget=1, log_path=log, progress=False)
+    with pytest.warns(UserWarning, match="skipped 1 unreadable"):
+        records = hparam.read_log(log)
+    assert [r["config"]["lr"] for r in records] == [1e-3, 1e-2]
