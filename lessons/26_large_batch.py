@@ -141,7 +141,8 @@ class _null:
 
 def main():
     # One thread: for a model this small it is the fastest setting (the matmuls are too small
-    # to split; on the shared 2-core machine a second thread only spins). Nothing here is timed.
+    # to split; on the shared 2-core machine a second thread only spins). Part 4's DDP processes
+    # also run one thread each (one core per process).
     torch.set_num_threads(1)
     out = outputs_dir("lesson26")
     train_data, val_data = split_tokens(corpus_tokens(max_bytes=300_000))
