@@ -15,27 +15,25 @@ ffmpeg is on the PATH.
 import argparse
 import pathlib
 import shutil
+import tempfile
 
-import matplotlib
+import matplotlib.pyplot as plt  # the Makefile and the tests set MPLBACKEND=Agg: files only
+from matplotlib.animation import FFMpegWriter, FuncAnimation, PillowWriter
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.animation import FFMpegWriter, FuncAnimation, PillowWriter  # noqa: E402
+from minitrain.files import write_atomic
+# The deck's palette lives in minitrain.style (one source for lessons, animations, the demo);
+# re-exported here so animations write deck.NAVY, deck.GOLD, ...
+from minitrain.style import BACKGROUND, GOLD, GREEN, MUTED, NAVY, PANEL, RED, TEXT, outputs_dir
 
-# The deck's palette.
-BACKGROUND = "#FAFAFA"
-PANEL = "#F0F4F8"
-TEXT = "#2D3748"
-NAVY = "#1A365D"
-GOLD = "#C9A227"
-MUTED = "#A0AEC0"  # light slate for secondary lines and grids
-RED = "#C53030"  # reserved for "something went wrong" (overflow, spikes)
+__all__ = ["BACKGROUND", "PANEL", "TEXT", "NAVY", "GOLD", "MUTED", "RED", "GREEN", "FIGSIZE",
+           "DPI", "QUICK_DPI", "FPS", "OUT_DIR", "parse_args", "style_axes", "figure",
+           "output_path", "save"]
 
 FIGSIZE = (16, 9)  # inches: 16:9
 DPI = 120  # 16 x 120 = 1920 px wide, 9 x 120 = 1080 px high
 QUICK_DPI = 30  # --quick: 480 x 270, fast to render
 FPS = 12
-OUT_DIR = pathlib.Path("outputs/animations")
+OUT_DIR = outputs_dir("animations")  # <repo>/outputs/animations, wherever the script starts
 
 
 def parse_args(description=None, argv=None):
@@ -94,9 +92,11 @@ def save(fig, update, n_frames, args, *, default_name, still_frames=(), fps=FPS)
     path.parent.mkdir(parents=True, exist_ok=True)
     dpi = QUICK_DPI if args.quick else DPI
     anim = FuncAnimation(fig, update, frames=n_frames, blit=False)
-    tmp = path.with_name(path.stem + ".partial" + path.suffix)  # atomic: render, then rename
-    anim.save(tmp, writer=PillowWriter(fps=fps), dpi=dpi, savefig_kwargs={"facecolor": BACKGROUND})
-    tmp.replace(path)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:  # render aside, then one atomic
+        rendered = pathlib.Path(tmp) / path.name              # write: never half a GIF at `path`
+        anim.save(rendered, writer=PillowWriter(fps=fps), dpi=dpi,
+                  savefig_kwargs={"facecolor": BACKGROUND})
+        write_atomic(path, rendered.read_bytes())
     if not args.quick and shutil.which("ffmpeg"):
         anim.save(path.with_suffix(".mp4"), writer=FFMpegWriter(fps=fps), dpi=dpi,
                   savefig_kwargs={"facecolor": BACKGROUND})

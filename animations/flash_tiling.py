@@ -13,19 +13,14 @@ When a new tile raises m, the old sum is rescaled by exp(m_old - m_new): watch l
     python animations/flash_tiling.py --quick    # a few small frames (tests)
     python animations/flash_tiling.py --stills   # also key frames as PNG
 """
-import pathlib
-import sys
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib.colors import LinearSegmentedColormap
+from matplotlib.patches import Rectangle
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import deck  # noqa: E402
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from matplotlib.colors import LinearSegmentedColormap  # noqa: E402
-from matplotlib.patches import Rectangle  # noqa: E402
-
-from minitrain.attention import flash_attention, flash_attention_traced  # noqa: E402
+from minitrain.attention import flash_attention, flash_attention_traced
+import deck  # animations/deck.py: this script's folder is on sys.path
 
 SEED = 0
 HEAD_DIM = 16

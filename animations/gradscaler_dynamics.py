@@ -12,17 +12,13 @@ clean steps double it — the saw-tooth that keeps the scale just below overflow
 
 Run: python animations/gradscaler_dynamics.py [--quick] [--out FILE.gif] [--stills]
 """
-import pathlib
-import sys
+import numpy as np
+import torch
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import deck  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from minitrain.data import corpus_tokens, get_batch  # noqa: E402
-from minitrain.grad_scaler import GradScaler  # noqa: E402
-from minitrain.model import GPT, GPTConfig  # noqa: E402
+from minitrain.data import corpus_tokens, get_batch
+from minitrain.grad_scaler import GradScaler
+from minitrain.model import GPT, GPTConfig
+import deck  # animations/deck.py: this script's folder is on sys.path
 
 INIT_SCALE, GROWTH_INTERVAL, LR = 2.0**24, 10, 3e-3
 BATCH, SEQ = 16, 32

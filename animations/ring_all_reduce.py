@@ -9,17 +9,14 @@ values are asserted equal to `dist.all_reduce` before anything is drawn.
     python animations/ring_all_reduce.py --stills   # also PNGs of key frames
 """
 import math
-import pathlib
-import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import deck  # noqa: E402
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-from matplotlib.patches import Rectangle  # noqa: E402
+import torch
+import torch.distributed as dist
+from matplotlib.patches import Rectangle
 
-from minitrain.collectives import ring_all_reduce  # noqa: E402
-from minitrain.distributed_utils import launch  # noqa: E402
+from minitrain.collectives import ring_all_reduce
+from minitrain.distributed_utils import launch
+import deck  # animations/deck.py: this script's folder is on sys.path
 
 SEED = 0
 MOVE_FRAMES, HOLD_FRAMES = 7, 5  # per ring step (default render)

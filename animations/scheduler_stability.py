@@ -10,17 +10,15 @@ every curve is read from their metrics.jsonl (lr, loss, grad_norm before clippin
 
 Run: python animations/scheduler_stability.py [--quick] [--out FILE.gif] [--stills]
 """
-import json
 import pathlib
-import sys
 import tempfile
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import deck  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from minitrain.train import TrainConfig, train  # noqa: E402
+from minitrain.files import read_jsonl
+from minitrain.train import TrainConfig, train
+import deck  # animations/deck.py: this script's folder is on sys.path
 
 MAX_LR, WARMUP, CLIP = 2e-2, 10, 1.0
 TINY = dict(n_layer=2, n_head=2, n_embd=32, seq_len=32, batch_size=16, corpus_bytes=300_000,
@@ -41,8 +39,7 @@ def real_runs(steps, out_root):
         cfg = TrainConfig(steps=steps, eval_every=steps, checkpoint_every=steps,
                           out_dir=str(pathlib.Path(out_root) / name), **TINY, **kw)
         result = train(cfg)
-        with open(result.metrics_path) as f:
-            runs[name] = [json.loads(line) for line in f]
+        runs[name] = read_jsonl(result.metrics_path)
     return runs["off"], runs["on"]
 
 

@@ -14,13 +14,9 @@ torch.optim's one-off import of torch._dynamo, seconds on a loaded machine), eta
 1 -> 2 -> 4 steps.
 """
 import json
-import pathlib
-import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import deck  # noqa: E402
-
-from minitrain import hparam  # noqa: E402
+from minitrain import hparam
+import deck  # animations/deck.py: this script's folder is on sys.path
 
 FULL = dict(lrs=[1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2], eta=3, budget=90,
             model=dict(n_layer=2, n_head=2, n_embd=32, seq_len=32, batch_size=8, eval_iters=8,

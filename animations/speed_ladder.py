@@ -6,7 +6,7 @@ keeps its bar (outlined in red); then, if benchmarks/bench_distributed.py has ru
 data parallel (2 processes, minitrain's bucketed DDP).
 
 Numbers: read from outputs/bench/ladder.json (`make bench`) and outputs/bench/distributed.json
-when they exist; otherwise a quick measured run of a few rungs (minitrain.ladder.train_rung on a
+when they exist; otherwise a quick measured run of a few rungs (benchmarks.ladder_runner.train_rung on a
 tiny GPT, in this process). Never drawn by hand. The data-parallel bar comes from a different
 script with its own model size, so its caption says so; compare it with care.
 
@@ -16,15 +16,13 @@ script with its own model size, so its caption says so; compare it with care.
 """
 import json
 import pathlib
-import sys
 import tempfile
 import textwrap
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import deck  # noqa: E402
+from minitrain.style import outputs_dir
+import deck  # animations/deck.py: this script's folder is on sys.path
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-BENCH = ROOT / "outputs" / "bench"
+BENCH = outputs_dir("bench")  # where `make bench` writes ladder.json and distributed.json
 GROW_FRAMES = 8  # frames for one bar to grow (default render)
 HOLD_FRAMES = 18
 SEED = 0
@@ -39,6 +37,8 @@ def from_bench():
         rows = [r for r in report["cpu"]["rows"] if r.get("valid")]
     except (OSError, ValueError, KeyError):
         return None
+    if report.get("quick"):  # `bench_ladder.py --quick` is a smoke run, not the ladder
+        return None
     from minitrain import ladder
 
     main = [r for r in rows if not ladder.get_rung(r["key"]).side]
@@ -51,6 +51,8 @@ def from_bench():
              f"{report['machine']['cpu']}, {report['machine']['torch_threads']} thread(s))"
     try:
         dist = json.loads((BENCH / "distributed.json").read_text())
+        if dist.get("quick"):
+            raise ValueError("a --quick smoke run")
         ddp = {r["variant"]: r for r in dist["ddp"]}
         best = ddp.get("bucketed") or max(ddp.values(), key=lambda r: r["tokens_per_s"])
         bars.append(dict(label=f"data parallel: 2 ranks, {best['variant']} DDP",
@@ -66,18 +68,19 @@ def measured(keys, steps):
     """Bars from a quick run of `keys` in this process (tiny GPT, 1 thread)."""
     import torch
 
+    from benchmarks import ladder_runner as runner
     from minitrain import ladder
 
     torch.set_num_threads(1)
     torch.manual_seed(SEED)
     with tempfile.TemporaryDirectory() as tmp:
-        data = ladder.prepare_data(pathlib.Path(tmp) / "tokens.bin", max_bytes=100_000)
+        data = runner.prepare_data(pathlib.Path(tmp) / "tokens.bin", max_bytes=100_000)
         base = ladder.default_base(steps=steps, batch_size=4, seq_len=128, n_layer=1, n_head=2,
                                    n_embd=64, data=data, seed=SEED)
-        results = [ladder.train_rung(k, base, out_dir=pathlib.Path(tmp) / k, warmup=2)
+        results = [runner.train_rung(k, base, out_dir=pathlib.Path(tmp) / k, warmup=2)
                    for k in keys]
-    valid = ladder.validate(results)
-    rows = [r for r in ladder.ladder_table(results) if valid[r["key"]][0]]
+    valid = runner.validate(results)
+    rows = [r for r in runner.ladder_table(results) if valid[r["key"]][0]]
     bars = [dict(label=f"{r['key']}. {r['name']}", tps=r["tokens_per_s"],
                  group="baseline" if r["key"] == "0" else "single device",
                  slower=bool(r["vs_parent"] and r["vs_parent"] < 1)) for r in rows]

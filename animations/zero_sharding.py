@@ -1,7 +1,7 @@
 """ZeRO stages 0-3: per-rank memory of parameters, gradients and optimizer state.
 
 Every bar is a byte count measured on a real rank by `minitrain.zero.memory_report` after the tiny
-GPT trained with that stage (`minitrain.zero.train_with_stage` on N gloo CPU processes); the
+GPT trained with that stage (`benchmarks.experiments.train_with_stage` on N gloo processes); the
 dashed marks are the formula's prediction. The script asserts that all stages reached the same
 loss and that measured bytes are within 10% of the prediction before it draws.
 
@@ -9,14 +9,9 @@ loss and that measured bytes are within 10% of the prediction before it draws.
     python animations/zero_sharding.py --quick    # 2 ranks, a few small frames (tests)
     python animations/zero_sharding.py --stills   # also PNGs, one per stage
 """
-import pathlib
-import sys
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import deck  # noqa: E402
-
-from minitrain.distributed_utils import launch  # noqa: E402
-from minitrain.distributed_utils import train_with_stage  # noqa: E402
+from benchmarks.experiments import train_with_stage
+from minitrain.distributed_utils import launch
+import deck  # animations/deck.py: this script's folder is on sys.path
 
 KINDS = ("params", "grads", "optimizer_state")
 LABELS = {"params": "parameters", "grads": "gradients", "optimizer_state": "AdamW state"}

@@ -1,6 +1,7 @@
 """Distributed benchmark: ring all-reduce, DDP variants, ZeRO memory - validated, then timed.
 
-    python benchmarks/bench_distributed.py      # writes outputs/bench/distributed.md + .json
+    python benchmarks/bench_distributed.py          # writes outputs/bench/distributed.md + .json
+    python benchmarks/bench_distributed.py --quick  # 1 MB, 2 ranks, a 1-layer GPT: a smoke test
 
 1. `ring_all_reduce` vs `dist.all_reduce` (gloo, CPU processes) for 1-64 MB at 2 and 3 ranks:
    median time, algorithm bandwidth (bytes / time) and bus bandwidth (algbw * 2(N-1)/N, the
@@ -14,8 +15,7 @@ DDP <= 1.10x torch DDP; ZeRO-1 optimizer-state bytes per rank within 10% of tota
 Exit status: non-zero when a validation fails (a wrong result never gets a time). A missed
 timing target is reported, not hidden, and does not change the exit status.
 """
-import json
-import pathlib
+import argparse
 import statistics
 import subprocess
 import sys
@@ -24,14 +24,16 @@ import time
 import torch
 import torch.distributed as dist
 
-from minitrain.bench import machine_metadata, write_text_atomic
+from benchmarks.experiments import compare_ddp_modes, train_with_stage
+from benchmarks.harness import machine_metadata, write_report
 from minitrain.collectives import ring_all_reduce
-from minitrain.distributed_utils import compare_ddp_modes, launch, train_with_stage
+from minitrain.distributed_utils import launch
+from minitrain.style import outputs_dir
 
-OUT = pathlib.Path("outputs/bench")
 SIZES_MB = (1, 4, 16, 64)
 WORLDS = (2, 3)
 GPT = dict(n_layer=4, n_head=4, n_embd=128, batch=8, seq_len=128)
+QUICK_GPT = dict(n_layer=1, n_head=2, n_embd=32, batch=2, seq_len=32)  # --quick
 
 
 def _collective_worker(rank, world, sizes_mb, warmup, iters):
@@ -56,11 +58,11 @@ def _collective_worker(rank, world, sizes_mb, warmup, iters):
     return out
 
 
-def bench_collectives():
+def bench_collectives(sizes_mb=SIZES_MB, worlds=WORLDS, iters=9):
     rows = []
-    for world in WORLDS:
-        ranks = launch(_collective_worker, world, SIZES_MB, 2, 9, timeout_s=240, preload=())
-        for i, mb in enumerate(SIZES_MB):
+    for world in worlds:
+        ranks = launch(_collective_worker, world, sizes_mb, 2, iters, timeout_s=240, preload=())
+        for i, mb in enumerate(sizes_mb):
             recs = [r[i] for r in ranks]
             err = max(r["max_err"] for r in recs)
             if not err < 1e-3:
@@ -78,8 +80,9 @@ def bench_collectives():
     return rows
 
 
-def bench_ddp():
-    ranks = launch(compare_ddp_modes, 2, timeout_s=400, check_steps=3, warmup=3, iters=10, **GPT)
+def bench_ddp(gpt=GPT, iters=10):
+    ranks = launch(compare_ddp_modes, 2, timeout_s=400, check_steps=3, warmup=3, iters=iters,
+                   **gpt)
     rows = []
     for label in ranks[0]:
         diff = max(r[label]["max_diff"] for r in ranks)
@@ -90,15 +93,15 @@ def bench_ddp():
         rows.append({"variant": label, "max_diff": diff, "median_ms": 1e3 * statistics.median(times),
                      "p10_ms": 1e3 * sorted(times)[1], "p90_ms": 1e3 * sorted(times)[-2],
                      "all_reduces_per_step": ranks[0][label]["all_reduces_per_step"],
-                     "tokens_per_s": 2 * GPT["batch"] * GPT["seq_len"] / statistics.median(times)})
+                     "tokens_per_s": 2 * gpt["batch"] * gpt["seq_len"] / statistics.median(times)})
     return rows
 
 
-def bench_zero(world=2):
+def bench_zero(world=2, gpt=GPT):
     rows = []
     for stage in range(4):
-        for r in launch(train_with_stage, world, stage, n_layer=GPT["n_layer"],
-                        n_embd=GPT["n_embd"], steps=1, seed=0, timeout_s=240):
+        for r in launch(train_with_stage, world, stage, n_layer=gpt["n_layer"],
+                        n_embd=gpt["n_embd"], steps=1, seed=0, timeout_s=240):
             rows.append({"world": world, **r})
     losses = [r["loss"] for r in rows]
     if max(losses) - min(losses) > 1e-4:
@@ -107,20 +110,30 @@ def bench_zero(world=2):
 
 
 
-def main():
-    OUT.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(1)
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="1 MB, 2 ranks, a 1-layer GPT: checks the pipeline, not the targets")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # one thread per rank: the ranks share the machine's cores
+    gpt = QUICK_GPT if args.quick else GPT
     t0 = time.perf_counter()
-    coll, ddp, zero = bench_collectives(), bench_ddp(), bench_zero()
+    if args.quick:
+        coll = bench_collectives(sizes_mb=(1,), worlds=(2,), iters=3)
+        ddp, zero = bench_ddp(gpt, iters=3), bench_zero(gpt=gpt)
+    else:
+        coll, ddp, zero = bench_collectives(), bench_ddp(), bench_zero()
     by = {r["variant"]: r for r in ddp}
-    ring16 = next(r for r in coll if r["world"] == 2 and r["mb"] == 16)
+    ring_mb = 1 if args.quick else 16
+    ring16 = next(r for r in coll if r["world"] == 2 and r["mb"] == ring_mb)
     zero1 = [r for r in zero if r["stage"] == 1]
     total_state = 8 * zero1[0]["num_params"]
     worst_zero1 = max(abs(r["measured"]["optimizer_state"] - total_state / len(zero1))
                       / (total_state / len(zero1)) for r in zero1)
     targets = [
-        ("ring_all_reduce <= 1.2x dist.all_reduce, 16 MB, 2 ranks", ring16["ratio"], 1.2),
-        ("bucketed+overlapped DDP <= 1.10x torch DDP (tiny GPT, B=8, T=128, 2 ranks)",
+        (f"ring_all_reduce <= 1.2x dist.all_reduce, {ring_mb} MB, 2 ranks", ring16["ratio"], 1.2),
+        (f"bucketed+overlapped DDP <= 1.10x torch DDP (tiny GPT, B={gpt['batch']}, "
+         f"T={gpt['seq_len']}, 2 ranks)",
          by["bucketed"]["median_ms"] / by["torch_ddp"]["median_ms"], 1.10),
         ("ZeRO-1 optimizer-state bytes per rank within 10% of total/N (worst rank)",
          worst_zero1, 0.10),
@@ -144,7 +157,7 @@ def main():
     lines += [f"| {r['world']} | {r['mb']} | {r['ring_ms']:.1f} | {r['dist_ms']:.1f} | "
               f"{r['ratio']:.2f} | {r['ring_algbw_GBps']:.2f} | {r['ring_busbw_GBps']:.2f} | "
               f"{r['dist_busbw_GBps']:.2f} |" for r in coll]
-    lines += ["", f"## DDP step time, tiny GPT ({GPT}), 2 ranks, AdamW", "",
+    lines += ["", f"## DDP step time, tiny GPT ({gpt}), 2 ranks, AdamW", "",
               "| variant | all-reduces/step | median ms | p10-p90 ms | tokens/s | max abs diff vs "
               "torch DDP |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['variant']} | {r['all_reduces_per_step'] if r['variant'] != 'torch_ddp' else 'C++ reducer'}"
@@ -161,11 +174,10 @@ def main():
               for name, value, limit in targets]
     lines += ["", f"Wall time {meta['wall_s']:.0f} s."]
     report = "\n".join(lines) + "\n"
-    write_text_atomic(OUT / "distributed.md", report)
-    write_text_atomic(OUT / "distributed.json", json.dumps(
-        {"meta": meta, "collectives": coll, "ddp": ddp, "zero": zero,
-         "targets": [{"name": n, "value": v, "limit": lim, "met": v <= lim}
-                     for n, v, lim in targets]}, indent=1))
+    write_report(outputs_dir("bench"), "distributed", report, {
+        "meta": meta, "quick": args.quick, "collectives": coll, "ddp": ddp, "zero": zero,
+        "targets": [{"name": n, "value": v, "limit": lim, "met": v <= lim}
+                    for n, v, lim in targets]})
     print(report)
 
 

@@ -9,8 +9,8 @@ what compile costs), peak memory, the loss after the same number of steps, and t
 rung 0 and vs the rung it builds on, computed from those measured numbers.
 
 Validate, then benchmark: the table prints a rung's speed only if its step-0 loss equals rung 0's
-(same seed, init and first batch; tolerance per rung, see minitrain.ladder.validate); the script
-exits non-zero if any rung fails validation or crashes.
+(same seed, init and first batch; tolerance per rung, see benchmarks.ladder_runner.validate); the
+script exits non-zero if any rung fails validation or crashes.
 
 Context length: one ladder per `--seq-len` (default 256 and 1024). At T=256 the matmuls dominate
 a step, at T=1024 naive attention's (T, T) matrices do, so the same rungs pay very differently;
@@ -28,9 +28,9 @@ FLOPs/token = 6 N + 12 L C T. NOTE: this GPU path was written on a machine witho
 never been run; treat its first run as a test of it.
 
 Run: python benchmarks/bench_ladder.py [--rungs 0 4 7] [--steps 16] [--threads 1] [--seq-len 256 1024]
+     python benchmarks/bench_ladder.py --quick   (rungs 0 and 4 on a tiny model: a smoke test)
 """
 import argparse
-import json
 import os
 import pathlib
 import sys
@@ -39,13 +39,14 @@ import time
 
 import torch
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from minitrain import ladder  # noqa: E402
-from minitrain.bench import machine_metadata, write_text_atomic  # noqa: E402
+from benchmarks import ladder_runner as runner
+from benchmarks.harness import machine_metadata, write_report
+from minitrain import ladder
+from minitrain.style import outputs_dir
 
-OUT_DIR = ROOT / "outputs" / "bench"
-TARGET = 5.0  # best rung >= 5x rung 0 (issue 4)
+TARGET = 5.0  # the course's goal for the ladder: best rung >= 5x rung 0
+QUICK = dict(rungs=["0", "4"], steps=3, warmup=1, seq_len=[64], batch_size=2, n_layer=1,
+             n_head=2, n_embd=32)  # --quick: a smoke run of the whole pipeline, seconds
 CPU_MODEL = dict(batch_size=8, seq_len=256, n_layer=2, n_head=4, n_embd=128)
 # One ladder per context length. At T=256 the matmuls dominate a step; at T=1024 naive attention's
 # (T, T) score matrix does, so the same rungs pay very differently: both are the honest picture.
@@ -76,7 +77,7 @@ def run_ladder(keys, base, *, warmup, threads, workdir, timeout_s):
     for key in keys:
         t0 = time.perf_counter()
         try:
-            r = ladder.run_rung(key, base, out_dir=pathlib.Path(workdir) / f"rung_{key}",
+            r = runner.run_rung(key, base, out_dir=pathlib.Path(workdir) / f"rung_{key}",
                                 warmup=warmup, timeout_s=timeout_s, threads=threads)
             results.append(r)
             print(f"rung {key:>3} ({ladder.get_rung(key).name}): trained in "
@@ -89,9 +90,9 @@ def run_ladder(keys, base, *, warmup, threads, workdir, timeout_s):
 
 def section(title, keys, base, results, failures, *, warmup, gpu_name=None):
     """Validate, build the table, add MFU on GPU; returns (markdown, json dict, all_ok)."""
-    valid = ladder.validate(results, reference_key=keys[0]) if results and \
+    valid = runner.validate(results, reference_key=keys[0]) if results and \
         any(r["key"] == keys[0] for r in results) else {}
-    rows = ladder.ladder_table(results, reference_key=keys[0]) if valid else []
+    rows = runner.ladder_table(results, reference_key=keys[0]) if valid else []
     for row in rows:
         row["valid"], row["validation"] = valid[row["key"]]
         if gpu_name is not None:
@@ -101,10 +102,10 @@ def section(title, keys, base, results, failures, *, warmup, gpu_name=None):
             row["mfu"] = achieved / peak if peak else None
             row["note"] = (f"MFU {row['mfu']:.1%}; " if row["mfu"] is not None else
                            "MFU: unknown peak; ") + row["note"]
-    lines = [f"## {title}", "", ladder.format_table(rows, valid=valid) if rows else
+    lines = [f"## {title}", "", runner.format_table(rows, valid=valid) if rows else
              "No result: the reference rung did not run.", ""]
     ok = bool(rows) and all(v[0] for v in valid.values()) and not failures
-    best = ladder.best_rung(rows, valid=valid) if rows and any(v[0] for v in valid.values()) \
+    best = runner.best_rung(rows, valid=valid) if rows and any(v[0] for v in valid.values()) \
         else None
     if best is not None:
         met = best["speedup"] >= TARGET
@@ -147,9 +148,15 @@ def main(argv=None):
     for name in ("batch_size", "n_layer", "n_head", "n_embd"):
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=CPU_MODEL[name],
                             help=f"CPU ladder model/batch setting (default {CPU_MODEL[name]})")
-    parser.add_argument("--out-dir", type=pathlib.Path, default=OUT_DIR,
-                        help="where ladder.md/.json go (default outputs/bench)")
+    parser.add_argument("--out-dir", type=pathlib.Path, default=None,
+                        help="where ladder.md/.json go (default <repo>/outputs/bench)")
+    parser.add_argument("--quick", action="store_true",
+                        help="rungs 0 and 4, 3 steps, tiny model: checks the pipeline, not speed")
     args = parser.parse_args(argv)
+    if args.quick:
+        for name, value in QUICK.items():
+            setattr(args, name, value)
+        args.gpu = False if args.gpu is None else args.gpu
     if args.steps <= args.warmup:
         parser.error(f"--steps ({args.steps}) must be larger than --warmup ({args.warmup})")
     if args.threads < 1:
@@ -164,12 +171,11 @@ def main(argv=None):
 
     torch.set_num_threads(args.threads)  # so machine_metadata records what the rungs used
     meta = machine_metadata(dtype="fp32 master weights; per-rung autocast dtype in the table")
-    out_dir = args.out_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (ROOT / "outputs").mkdir(exist_ok=True)
+    out_dir = args.out_dir if args.out_dir is not None else outputs_dir("bench")
     t_start = time.perf_counter()
-    with tempfile.TemporaryDirectory(dir=ROOT / "outputs") as tmp:
-        data = ladder.prepare_data(pathlib.Path(tmp) / "tokens.bin")
+    with tempfile.TemporaryDirectory(dir=outputs_dir()) as tmp:
+        data = runner.prepare_data(pathlib.Path(tmp) / "tokens.bin",
+                                   max_bytes=200_000 if args.quick else 4_000_000)
         threads = f"{args.threads} thread{'s' if args.threads > 1 else ''}"
         md, sections = [], []
         for seq_len in args.seq_len:  # attention's share of the step grows with T: one ladder each
@@ -221,8 +227,8 @@ def main(argv=None):
         ""]
     text = "\n".join(header + md)
     report["elapsed_s"] = time.perf_counter() - t_start
-    write_text_atomic(out_dir / "ladder.md", text)
-    write_text_atomic(out_dir / "ladder.json", json.dumps(report, indent=2) + "\n")
+    report["quick"] = args.quick  # a smoke run: the animation does not draw these numbers
+    write_report(out_dir, "ladder", text, report)
     print(text)
     return 0 if ok else 1
 

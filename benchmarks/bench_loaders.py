@@ -18,30 +18,28 @@ times was checked equal to the reference batch):
 Why: a training step that waits for its batch wastes the accelerator; the loop converts every
 token to a Python int and back (B*T objects), the vectorized gather is one numpy fancy index.
 
-Run: python benchmarks/bench_loaders.py   (~30-60 s on 2 cores)
+Run: python benchmarks/bench_loaders.py [--quick]   (~30-60 s on 2 cores; --quick: seconds)
 """
+import argparse
 import ctypes
 import ctypes.util
 import gc
-import json
 import mmap
 import os
 import pathlib
-import sys
 import tempfile
 import time
 
 import numpy as np
 import torch
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from minitrain.bench import machine_metadata, measure, write_text_atomic  # noqa: E402
-from minitrain.data import (default_corpus, get_batch, get_batch_loop, load_tokens,  # noqa: E402
-                            pretokenize)
+from benchmarks.harness import machine_metadata, write_report
+from minitrain.bench import measure
+from minitrain.data import default_corpus, get_batch, get_batch_loop, load_tokens, pretokenize
+from minitrain.style import outputs_dir
 
-OUT_DIR = ROOT / "outputs" / "bench"
 CORPUS_BYTES = 16_000_000  # 32 MB token file (uint16)
+QUICK_CORPUS_BYTES = 1_000_000  # --quick: a smoke run of every measurement, a few seconds
 SEQ_LEN = 512
 THROUGHPUT_BATCH = 32
 BATCH_SIZES = (16, 32, 64, 128)
@@ -132,9 +130,9 @@ def bench_ram_vs_memmap(path):
     return rows, cold_ok
 
 
-def bench_loop_vs_vectorized(ram):
+def bench_loop_vs_vectorized(ram, batch_sizes=BATCH_SIZES):
     rows = []
-    for b in BATCH_SIZES:
+    for b in batch_sizes:
         for seed in range(2):  # validate first
             check_equal(get_batch(ram, b, SEQ_LEN, rng=np.random.default_rng(seed)),
                         get_batch_loop(ram, b, SEQ_LEN, rng=np.random.default_rng(seed)),
@@ -185,25 +183,29 @@ def render(meta, rm, cold_ok, lv, target_met):
 
 
 
-def main():
-    torch.set_num_threads(1)
-    with tempfile.TemporaryDirectory(dir=ROOT / "outputs" if (ROOT / "outputs").is_dir()
-                                     else None) as tmp:
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="a 1 MB corpus and B in {16, 64}: checks the pipeline, not speed")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # the loader work is single-threaded numpy: one torch thread
+    corpus_bytes = QUICK_CORPUS_BYTES if args.quick else CORPUS_BYTES
+    batch_sizes = (16, TARGET_B) if args.quick else BATCH_SIZES
+    with tempfile.TemporaryDirectory(dir=outputs_dir()) as tmp:
         path = pathlib.Path(tmp) / "tokens.bin"
-        n = pretokenize(default_corpus(max_bytes=CORPUS_BYTES), path)
+        n = pretokenize(default_corpus(max_bytes=corpus_bytes), path)
         rm, cold_ok = bench_ram_vs_memmap(path)
-        lv = bench_loop_vs_vectorized(load_tokens(path, mode="ram"))
+        lv = bench_loop_vs_vectorized(load_tokens(path, mode="ram"), batch_sizes)
     at_target = next(r for r in lv if r["batch_size"] == TARGET_B)
     target_met = at_target["speedup"] >= TARGET_RATIO
     meta = machine_metadata(dtype="uint16 tokens -> int64")
     text = render(meta, rm, cold_ok, lv, target_met)
-    write_text_atomic(OUT_DIR / "loaders.md", text)
-    write_text_atomic(OUT_DIR / "loaders.json", json.dumps(
-        {"machine": meta, "tokens_in_file": n, "seq_len": SEQ_LEN,
-         "ram_vs_memmap": rm, "cold_page_cache_measured": cold_ok,
-         "loop_vs_vectorized": lv,
-         "target": {"batch_size": TARGET_B, "ratio": TARGET_RATIO,
-                    "measured": at_target["speedup"], "met": target_met}}, indent=2) + "\n")
+    write_report(outputs_dir("bench"), "loaders", text, {
+        "machine": meta, "tokens_in_file": n, "seq_len": SEQ_LEN, "quick": args.quick,
+        "ram_vs_memmap": rm, "cold_page_cache_measured": cold_ok,
+        "loop_vs_vectorized": lv,
+        "target": {"batch_size": TARGET_B, "ratio": TARGET_RATIO,
+                   "measured": at_target["speedup"], "met": target_met}})
     print(text)
 
 

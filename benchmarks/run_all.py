@@ -16,6 +16,7 @@ a warm allocator, a larger resident set and an already-compiled kernel cache.
 
 Usage:
     python benchmarks/run_all.py                       # every bench_*.py
+    python benchmarks/run_all.py --quick               # every bench_*.py --quick (a smoke run)
     python benchmarks/run_all.py --only ladder loaders # names containing any of these words
 """
 import argparse
@@ -27,12 +28,11 @@ import subprocess
 import sys
 import time
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from minitrain.bench import write_text_atomic  # noqa: E402
+from minitrain.files import write_atomic
+from minitrain.style import repo_root
 
-DEFAULT_BENCH_DIR = ROOT / "benchmarks"
-DEFAULT_OUT_DIR = ROOT / "outputs" / "bench"
+ROOT = repo_root()
+DEFAULT_BENCH_DIR = pathlib.Path(__file__).resolve().parent
 
 
 def find_scripts(bench_dir, only=None):
@@ -43,11 +43,12 @@ def find_scripts(bench_dir, only=None):
     return scripts
 
 
-def run_script(script, *, timeout_s, cwd, env=None):
-    """Run one benchmark as `python script`; returns a result dict (never raises on failure)."""
+def run_script(script, *, timeout_s, cwd, env=None, extra_args=()):
+    """Run one benchmark as `python script [extra_args]` in a fresh process; returns a result
+    dict (never raises on failure: a crash, a non-zero exit or a timeout is a failed result)."""
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run([sys.executable, str(script)], cwd=cwd, env=env,
+        proc = subprocess.run([sys.executable, str(script), *extra_args], cwd=cwd, env=env,
                               capture_output=True, text=True, timeout=timeout_s)
         returncode, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
     except subprocess.TimeoutExpired as exc:
@@ -55,10 +56,11 @@ def run_script(script, *, timeout_s, cwd, env=None):
         stdout = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
         stderr = (exc.stderr.decode() if isinstance(exc.stderr, bytes) else (exc.stderr or ""))
         stderr += f"\n[run_all] timed out after {timeout_s} s"
+    except OSError as exc:  # the interpreter itself could not start
+        returncode, stdout, stderr = None, "", f"[run_all] could not start: {exc}"
     seconds = time.perf_counter() - t0
     return {"script": script.name, "passed": returncode == 0, "returncode": returncode,
             "seconds": seconds, "stdout": stdout, "stderr": stderr}
-
 
 
 def _git_commit():
@@ -85,7 +87,9 @@ def render_index(results, *, out_dir, machine, commit, command):
         name = pathlib.Path(r["script"]).stem.removeprefix("bench_")
         tables = sorted(p.name for p in pathlib.Path(out_dir).glob(f"{name}*.md"))
         links = ", ".join(f"[{t}]({t})" for t in tables) or "-"
-        status = "passed" if r["passed"] else f"**FAILED** (exit {r['returncode']})"
+        status = "passed" if r["passed"] else (
+            f"**FAILED** (exit {r['returncode']})" if r["returncode"] is not None
+            else "**FAILED** (timed out or did not start)")
         lines.append(f"| {r['script']} | {status} | {r['seconds']:.1f} | {links} |")
     failed = [r for r in results if not r["passed"]]
     for r in failed:
@@ -99,25 +103,29 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bench-dir", type=pathlib.Path, default=DEFAULT_BENCH_DIR,
                         help="folder holding bench_*.py (default: benchmarks/)")
-    parser.add_argument("--out-dir", type=pathlib.Path, default=DEFAULT_OUT_DIR,
-                        help="where the index README.md goes (default: outputs/bench/)")
+    parser.add_argument("--out-dir", type=pathlib.Path, default=None,
+                        help="where the index README.md goes (default: <repo>/outputs/bench/)")
+    parser.add_argument("--quick", action="store_true",
+                        help="pass --quick to every script: a smoke run, not the real numbers")
     parser.add_argument("--only", nargs="*", default=None,
                         help="run only scripts whose name contains one of these words")
     parser.add_argument("--timeout", type=float, default=900.0,
                         help="seconds one script may run before it counts as failed")
     args = parser.parse_args(argv)
+    if args.out_dir is None:
+        args.out_dir = ROOT / "outputs" / "bench"
     if args.timeout <= 0:
         raise SystemExit("--timeout must be > 0 seconds")
     scripts = find_scripts(args.bench_dir, args.only)
     if not scripts:
         print(f"run_all: no bench_*.py found in {args.bench_dir}", file=sys.stderr)
         return 1
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
+    env = {**os.environ, "MPLBACKEND": "Agg"}  # benchmarks that plot write files only
+    extra = ("--quick",) if args.quick else ()
     results = []
     for script in scripts:
-        print(f"=== {script.name}", flush=True)
-        r = run_script(script, timeout_s=args.timeout, cwd=ROOT, env=env)
+        print(f"=== {script.name}{' --quick' if args.quick else ''}", flush=True)
+        r = run_script(script, timeout_s=args.timeout, cwd=ROOT, env=env, extra_args=extra)
         sys.stdout.write(r["stdout"])
         if not r["passed"]:
             sys.stdout.write(r["stderr"][-3000:])
@@ -125,20 +133,19 @@ def main(argv=None):
               f"in {r['seconds']:.1f} s", flush=True)
         results.append(r)
 
-    sys.path.insert(0, str(ROOT))
     try:
-        from minitrain.bench import machine_metadata
+        from benchmarks.harness import machine_metadata
         machine = machine_metadata()
     except Exception as exc:  # the index must still be written if minitrain itself is broken
         machine = {"cpu": f"unknown ({exc})"}
-    command = "python benchmarks/run_all.py" + (f" --only {' '.join(args.only)}" if args.only
-                                                 else "")
+    command = "python benchmarks/run_all.py" + (" --quick" if args.quick else "") + (
+        f" --only {' '.join(args.only)}" if args.only else "")
     index = render_index(results, out_dir=args.out_dir, machine=machine, commit=_git_commit(),
                          command=command)
-    write_text_atomic(args.out_dir / "README.md", index)
-    summary = {"machine": machine, "results": [
+    write_atomic(args.out_dir / "README.md", index)
+    summary = {"machine": machine, "quick": args.quick, "results": [
         {k: r[k] for k in ("script", "passed", "returncode", "seconds")} for r in results]}
-    write_text_atomic(args.out_dir / "run_all.json", json.dumps(summary, indent=2) + "\n")
+    write_atomic(args.out_dir / "run_all.json", json.dumps(summary, indent=2) + "\n")
     failed = [r["script"] for r in results if not r["passed"]]
     print(f"run_all: {len(results) - len(failed)}/{len(results)} passed"
           + (f"; FAILED: {', '.join(failed)}" if failed else ""))

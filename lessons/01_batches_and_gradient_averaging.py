@@ -16,21 +16,17 @@ Prerequisites: minitrain.data (get_batch), minitrain.model (GPT), what a gradien
 
 Run: python lessons/01_batches_and_gradient_averaging.py   (~10 s on 2 cores; outputs/lesson01/)
 """
-import pathlib
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+import torch.nn.functional as F
 
-import matplotlib
+from minitrain.bench import fastest_thread_count
+from minitrain.data import ByteTokenizer, corpus_tokens, get_batch
+from minitrain.model import GPT, GPTConfig
+from minitrain.style import BACKGROUND, GOLD, MUTED, NAVY, PANEL, outputs_dir
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from minitrain.data import ByteTokenizer, corpus_tokens, get_batch  # noqa: E402
-from minitrain.model import GPT, GPTConfig  # noqa: E402
-
-OUT = pathlib.Path("outputs/lesson01")
-NAVY, GOLD, MUTED, PANEL = "#1A365D", "#C9A227", "#A0AEC0", "#F0F4F8"
+OUT = outputs_dir("lesson01")
 B, T = 8, 32
 MEMORY_BATCHES = (1, 2, 4, 8, 16, 32)
 
@@ -63,6 +59,7 @@ def saved_activation_bytes(model, x, y):
 
 
 def main():
+    torch.set_num_threads(fastest_thread_count())  # all cores, unless 1 is faster now
     OUT.mkdir(parents=True, exist_ok=True)
     tok = ByteTokenizer()
     data = corpus_tokens(max_bytes=1_000_000)
@@ -120,7 +117,7 @@ def main():
     for b, v in mem.items():
         print(f"{b:>4}{v / 2**20:>10.2f}{v / b / 2**20:>12.3f}")
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2), facecolor="#FAFAFA")
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2), facecolor=BACKGROUND)
     ax1.bar(range(B), losses, color=MUTED, label="per-sample loss")
     ax1.axhline(np.mean(losses), color=NAVY, lw=2, label="mean of the samples")
     ax1.axhline(batch_loss.item(), color=GOLD, ls="--", lw=2, label="batch loss (the same)")

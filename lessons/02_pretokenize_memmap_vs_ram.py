@@ -21,39 +21,29 @@ the ratios inside one run, never across machines.
 """
 import mmap
 import os
-import pathlib
-import statistics
 import sys
 import time
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from minitrain.data import (ByteTokenizer, default_corpus, get_batch,  # noqa: E402
+from minitrain.bench import fastest_thread_count, measure
+from minitrain.data import (ByteTokenizer, default_corpus, get_batch,
                             get_batch_loop, load_tokens, pretokenize)
+from minitrain.style import BACKGROUND, GOLD, MUTED, NAVY, PANEL, RED, outputs_dir
 
-OUT = pathlib.Path("outputs/lesson02")
-NAVY, GOLD, MUTED, PANEL = "#1A365D", "#C9A227", "#A0AEC0", "#F0F4F8"
+OUT = outputs_dir("lesson02")
 CORPUS_BYTES = 16_000_000  # half of the stdlib corpus: big enough that batches hit many pages
 B, T = 64, 512
 REPEATS = 7
 
 
-def median_time(fn, repeats=REPEATS, before=None):
-    """Median wall time of fn() over `repeats` calls (one untimed warm-up call first)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if before is not None:
-            before()
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def median_time(fn, repeats=REPEATS, before=None, tokens=B * T):
+    """Median wall time of fn() over `repeats` calls after one untimed warm-up call
+    (`minitrain.bench.measure`); `before` runs untimed before every call (e.g. evict the cache)."""
+    return measure(fn, tokens_per_step=tokens, warmup=1, iters=repeats,
+                   before_each=before)["median_s"]
 
 
 def drop_from_page_cache(path, memmap=None):
@@ -74,19 +64,25 @@ def drop_from_page_cache(path, memmap=None):
 
 
 def main():
+    # All cores unless 1 thread is faster on this machine right now (a busy one); the loaders
+    # time numpy gathers, which use one thread anyway.
+    torch.set_num_threads(fastest_thread_count())
     OUT.mkdir(parents=True, exist_ok=True)
     tok = ByteTokenizer()
     path = OUT / "corpus.bin"
 
-    # 1. tokenize once, then load many times
+    # 1. tokenize once, then load many times. Reading the corpus, pretokenizing it and the cold
+    #    load below happen ONCE each by nature (a second call would be warm): timed as single
+    #    calls with perf_counter, not with measure (whose warm-up would hide the cold cost).
     t0 = time.perf_counter()
     text = default_corpus(max_bytes=CORPUS_BYTES)
     t_read = time.perf_counter() - t0
     t0 = time.perf_counter()
     n_tokens = pretokenize(text, path)
     t_tok = time.perf_counter() - t0
-    t_list = median_time(lambda: tok.encode(text[:1_000_000]), repeats=3) * len(text) / 1_000_000
-    t_load = median_time(lambda: load_tokens(path, mode="ram"), repeats=3)
+    t_list = median_time(lambda: tok.encode(text[:1_000_000]), repeats=3,
+                         tokens=1_000_000) * len(text) / 1_000_000
+    t_load = median_time(lambda: load_tokens(path, mode="ram"), repeats=3, tokens=n_tokens)
     text_bytes = len(text.encode("utf-8"))
     print(f"corpus: {n_tokens:,} tokens (Python {sys.version.split()[0]} stdlib sources)")
     print(f"{'what':<44}{'size MB':>10}{'time s':>10}")
@@ -150,10 +146,10 @@ def main():
     print(f"{'get_batch (vectorized gather)':<40}{t_vec * 1e3:>10.2f} ms")
     print(f"loop/vectorized time ratio: {speedup:.1f}x")
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5), facecolor="#FAFAFA")
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5), facecolor=BACKGROUND)
     names = list(rows) + ["loop batching (RAM)"]
     values = [s * 1e3 for s in rows.values()] + [t_loop * 1e3]
-    ax1.barh(names, values, color=[NAVY, GOLD, MUTED, "#C53030"][:len(names)])
+    ax1.barh(names, values, color=[NAVY, GOLD, MUTED, RED][:len(names)])
     ax1.set_xlabel("ms per batch (B=64, T=512), log scale")
     ax1.set_xscale("log")
     ax1.set_title("Where a batch comes from", loc="left", color=NAVY)

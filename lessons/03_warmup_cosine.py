@@ -22,21 +22,17 @@ Prerequisites: lesson 01 (the training step), `minitrain.schedule`, AdamW.
 
 Run: python lessons/03_warmup_cosine.py   (~25 s on 2 cores; figure in outputs/lesson03/)
 """
-import pathlib
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
 
-import matplotlib
+from minitrain.bench import fastest_thread_count
+from minitrain.data import corpus_tokens, get_batch, split_tokens
+from minitrain.model import GPT, GPTConfig
+from minitrain.schedule import WarmupCosine, warmup_cosine
+from minitrain.style import BACKGROUND, GOLD, MUTED, NAVY, PANEL, RED, outputs_dir
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from minitrain.data import corpus_tokens, get_batch, split_tokens  # noqa: E402
-from minitrain.model import GPT, GPTConfig  # noqa: E402
-from minitrain.schedule import WarmupCosine, warmup_cosine  # noqa: E402
-
-OUT = pathlib.Path("outputs/lesson03")
-NAVY, GOLD, MUTED, PANEL, RED = "#1A365D", "#C9A227", "#A0AEC0", "#F0F4F8", "#C53030"
+OUT = outputs_dir("lesson03")
 STEPS, WARMUP, MAX_LR, ACCUM = 200, 20, 1e-2, 4
 BATCH, SEQ = 16, 32
 MODEL = dict(block_size=SEQ, n_layer=2, n_head=2, n_embd=32)
@@ -69,7 +65,7 @@ def smooth(values, k=10):
 
 
 def main():
-    torch.set_num_threads(1)  # deterministic and predictable on a shared 2-core machine
+    torch.set_num_threads(fastest_thread_count())  # all cores, unless 1 is faster now
     OUT.mkdir(parents=True, exist_ok=True)
     train, val = split_tokens(corpus_tokens(max_bytes=300_000))
     vrng = np.random.default_rng(1234)
@@ -93,7 +89,7 @@ def main():
     print(f"\nbug: at the real last step the lr is still {last_bug / MAX_LR:.0%} of max_lr "
           f"(correct schedule: {runs['warmup+cosine'][1][-1] / MAX_LR:.0%})")
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), facecolor="#FAFAFA")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), facecolor=BACKGROUND)
     colors = {"constant": MUTED, "warmup+cosine": NAVY, "bug: T x 4": RED, "bug: T / 4": GOLD}
     for name, (losses, lrs, v) in runs.items():
         axes[0].plot(lrs, color=colors[name], lw=2, label=name)

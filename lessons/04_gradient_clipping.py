@@ -22,22 +22,18 @@ Slide/lab: "Hour 1 — gradient clipping". Prerequisites: lesson 03 (the schedul
 
 Run: python lessons/04_gradient_clipping.py   (~25 s on 2 cores; figure in outputs/lesson04/)
 """
-import pathlib
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
 
-import matplotlib
+from minitrain.bench import fastest_thread_count
+from minitrain.clip import clip_grad_norm, grad_norm
+from minitrain.data import corpus_tokens, get_batch, split_tokens
+from minitrain.model import GPT, GPTConfig
+from minitrain.schedule import WarmupCosine
+from minitrain.style import BACKGROUND, GOLD, NAVY, PANEL, RED, outputs_dir
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from minitrain.clip import clip_grad_norm, grad_norm  # noqa: E402
-from minitrain.data import corpus_tokens, get_batch, split_tokens  # noqa: E402
-from minitrain.model import GPT, GPTConfig  # noqa: E402
-from minitrain.schedule import WarmupCosine  # noqa: E402
-
-OUT = pathlib.Path("outputs/lesson04")
-NAVY, GOLD, MUTED, PANEL, RED = "#1A365D", "#C9A227", "#A0AEC0", "#F0F4F8", "#C53030"
+OUT = outputs_dir("lesson04")
 STEPS, WARMUP, MAX_LR = 200, 10, 2e-2
 BATCH, SEQ = 16, 32
 MODEL = dict(block_size=SEQ, n_layer=2, n_head=2, n_embd=32)
@@ -69,7 +65,7 @@ def run(data, val_batches, clip, seed=0):
 
 
 def main():
-    torch.set_num_threads(1)
+    torch.set_num_threads(fastest_thread_count())  # all cores, unless 1 is faster now
     OUT.mkdir(parents=True, exist_ok=True)
     train, val = split_tokens(corpus_tokens(max_bytes=300_000))
     vrng = np.random.default_rng(1234)
@@ -85,7 +81,7 @@ def main():
         print(f"{name:12} {np.median(norms):11.3f} {np.percentile(norms, 90):7.3f} "
               f"{norms.max():7.2f} {fired.mean():8.0%} {jump:10.3f} {v:9.4f}")
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5), facecolor="#FAFAFA")
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5), facecolor=BACKGROUND)
     colors = {"no clipping": RED, "clip 1.0": NAVY, "clip 0.1": GOLD}
     bins = np.logspace(np.log10(min(r[1].min() for r in runs.values())),
                        np.log10(max(r[1].max() for r in runs.values())), 40)

@@ -25,21 +25,17 @@ Prerequisites: lesson 03, floating-point basics (sign, exponent, mantissa), `min
 
 Run: python lessons/05_fp16_and_gradscaler.py   (~30 s on 2 cores; figure in outputs/lesson05/)
 """
-import pathlib
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
 
-import matplotlib
+from minitrain.bench import fastest_thread_count
+from minitrain.data import corpus_tokens, get_batch
+from minitrain.grad_scaler import GradScaler
+from minitrain.model import GPT, GPTConfig
+from minitrain.style import BACKGROUND, GOLD, MUTED, NAVY, PANEL, RED, outputs_dir
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from minitrain.data import corpus_tokens, get_batch  # noqa: E402
-from minitrain.grad_scaler import GradScaler  # noqa: E402
-from minitrain.model import GPT, GPTConfig  # noqa: E402
-
-OUT = pathlib.Path("outputs/lesson05")
-NAVY, GOLD, MUTED, PANEL, RED = "#1A365D", "#C9A227", "#A0AEC0", "#F0F4F8", "#C53030"
+OUT = outputs_dir("lesson05")
 STEPS, LR, BATCH, SEQ = 80, 3e-3, 16, 32
 MODEL = dict(block_size=SEQ, n_layer=2, n_head=2, n_embd=32)
 INIT_SCALE, GROWTH_INTERVAL = 2.0**24, 10
@@ -116,7 +112,7 @@ def train_run(data, dtype, scaler=None):
 
 
 def main():
-    torch.set_num_threads(1)
+    torch.set_num_threads(fastest_thread_count())  # all cores, unless 1 is faster now
     OUT.mkdir(parents=True, exist_ok=True)
     data = corpus_tokens(max_bytes=300_000)
 
@@ -146,7 +142,7 @@ def main():
     print(f"scale: start 2^{np.log2(scales[0]):.0f}, end 2^{np.log2(scaler.get_scale()):.0f}, "
           f"{halvings} halvings, {doublings} doublings, settles around 2^{np.log2(np.median(scales)):.0f}")
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5), facecolor="#FAFAFA")
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5), facecolor=BACKGROUND)
     ax = axes[0]
     ax.hist(np.log2(mags), bins=60, color=NAVY)
     for x, c, label in [(-24, RED, "fp16 -> 0 below 2^-24"), (-14, GOLD, "fp16 subnormal below 2^-14"),

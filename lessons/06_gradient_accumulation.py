@@ -13,23 +13,18 @@ bug). Prerequisites: lesson 01 (batches, mean loss), `minitrain.accumulate`.
 
 Run: python lessons/06_gradient_accumulation.py   (~15 s on 2 cores; figure in outputs/lesson06/)
 """
-import pathlib
-import time
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+import torch.nn.functional as F
 
-import matplotlib
+from minitrain.accumulate import accumulate_gradients
+from minitrain.bench import fastest_thread_count, measure
+from minitrain.data import corpus_tokens, get_batch
+from minitrain.model import GPT, GPTConfig
+from minitrain.style import BACKGROUND, GOLD, NAVY, PANEL, RED, outputs_dir
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from minitrain.accumulate import accumulate_gradients  # noqa: E402
-from minitrain.data import corpus_tokens, get_batch  # noqa: E402
-from minitrain.model import GPT, GPTConfig  # noqa: E402
-
-OUT = pathlib.Path("outputs/lesson06")
-NAVY, GOLD, MUTED, TEXT, PANEL, RED = "#1A365D", "#C9A227", "#A0AEC0", "#2D3748", "#F0F4F8", "#C53030"
+OUT = outputs_dir("lesson06")
 SEQ, EFFECTIVE_BATCH = 32, 32
 MODEL = dict(block_size=SEQ, n_layer=2, n_head=2, n_embd=64)
 
@@ -120,18 +115,16 @@ def memory_and_time(data):
         with meter:                                        # peak = one micro-batch's graph
             model.zero_grad(set_to_none=True)
             lm_loss(model(mbs[0][0]), mbs[0][1]).backward()
-        times = []
-        for _ in range(2):
-            model.zero_grad(set_to_none=True)
-            t0 = time.perf_counter()
-            accumulate_gradients(model, mbs, lm_loss)
-            times.append(time.perf_counter() - t0)
-        rows.append((micro, k, meter.bytes, min(times), rel_err(grads_of(model), g_full)))
+        timing = measure(lambda: accumulate_gradients(model, mbs, lm_loss),
+                         tokens_per_step=EFFECTIVE_BATCH * mbs[0][0].shape[1], warmup=1, iters=3,
+                         before_each=lambda: model.zero_grad(set_to_none=True))
+        rows.append((micro, k, meter.bytes, timing["median_s"],
+                     rel_err(grads_of(model), g_full)))
     return rows
 
 
 def main():
-    torch.set_num_threads(1)  # predictable timings on a shared 2-core machine
+    torch.set_num_threads(fastest_thread_count())  # all cores, unless 1 is faster now
     OUT.mkdir(parents=True, exist_ok=True)
     data = corpus_tokens(max_bytes=300_000)
     exact = exactness(data)
@@ -146,7 +139,7 @@ def main():
     for micro, k, nbytes, t, err in mem:
         print(f"{micro:5d} {k:5d} {nbytes / 2**20:15.2f} MB {t * 1e3:8.0f} ms {err:13.1e}")
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), facecolor="#FAFAFA")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), facecolor=BACKGROUND)
     ax = axes[0]
     ax.set_facecolor(PANEL)
     micro = [r[0] for r in mem]

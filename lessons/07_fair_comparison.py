@@ -11,25 +11,21 @@ with the protocol every later speed claim in the course follows:
   - a run-metadata table (CPU/GPU, torch version, dtype, threads) printed with the numbers.
 
 Slide/lab: "Hour 1 — the discipline of fair comparison". Prerequisites: lessons 03–06,
-`minitrain.bench` (measure, machine_metadata).
+`minitrain.bench.measure`, `benchmarks.harness.machine_metadata`.
 
 Run: python lessons/07_fair_comparison.py   (~25 s on 2 cores; figure in outputs/lesson07/)
 """
-import pathlib
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
 
-import matplotlib
+from benchmarks.harness import machine_metadata
+from minitrain.bench import fastest_thread_count, measure
+from minitrain.data import corpus_tokens, get_batch, split_tokens
+from minitrain.model import GPT, GPTConfig
+from minitrain.style import BACKGROUND, GOLD, MUTED, NAVY, PANEL, RED, outputs_dir
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from minitrain.bench import machine_metadata, measure  # noqa: E402
-from minitrain.data import corpus_tokens, get_batch, split_tokens  # noqa: E402
-from minitrain.model import GPT, GPTConfig  # noqa: E402
-
-OUT = pathlib.Path("outputs/lesson07")
-NAVY, GOLD, MUTED, PANEL, RED = "#1A365D", "#C9A227", "#A0AEC0", "#F0F4F8", "#C53030"
+OUT = outputs_dir("lesson07")
 BATCH, SEQ, WARMUP, ITERS = 8, 64, 3, 12
 MODEL = dict(block_size=SEQ, n_layer=2, n_head=2, n_embd=64)
 
@@ -59,7 +55,7 @@ def val_loss(model, val_batches):
 
 
 def main():
-    torch.set_num_threads(1)
+    torch.set_num_threads(fastest_thread_count())  # all cores, unless 1 is faster now
     OUT.mkdir(parents=True, exist_ok=True)
     train, val = split_tokens(corpus_tokens(max_bytes=300_000))
     vrng = np.random.default_rng(1234)                     # the SAME eval batches for every run
@@ -111,7 +107,7 @@ def main():
     print(f"  {'workload':14} tiny GPT {MODEL}, batch {BATCH}x{SEQ}, warm-up {WARMUP} "
           f"excluded, {ITERS} timed steps")
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), facecolor="#FAFAFA")
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), facecolor=BACKGROUND)
     for (name, r), c, off in zip(results.items(), (NAVY, GOLD), (-0.2, 0.2)):
         idx = np.arange(len(r["times"]))
         axes[0].bar(idx + off, r["times"] * 1e3, 0.4, color=c, label=name)

@@ -33,22 +33,21 @@ still as T grows (see the table). The win that is large and certain on a CPU is 
 """
 import ctypes
 import ctypes.util
+import io
 import json
 import os
-import pathlib
-import resource
-import statistics
 import subprocess
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 from minitrain.attention import flash_attention, naive_attention
-from minitrain.bench import proc_status_bytes
+from minitrain.bench import measure, peak_extra_bytes
+from minitrain.files import write_atomic
+from minitrain.style import GOLD, MUTED, NAVY, RED, outputs_dir
 
-OUT_DIR = pathlib.Path("outputs/lesson08")
+OUT_DIR = outputs_dir("lesson08")
 SEQ_LENS = (256, 512, 1024)
 BATCH, HEADS, HEAD_DIM = 1, 4, 64
 METHODS = ("naive", "flash", "sdpa")
@@ -66,21 +65,6 @@ def attention_fn(method):
         return lambda q, k, v: flash_attention(q, k, v, causal=True, block_size=64)
     return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
-
-
-def measure_peak_extra_bytes(step):
-    """Run step() once; return (peak resident bytes added by it, how it was measured)."""
-    try:
-        rss_before = proc_status_bytes("VmRSS")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM (the peak RSS) to the current RSS
-        step()
-        return proc_status_bytes("VmHWM") - rss_before, "VmHWM after clear_refs"
-    except OSError:
-        unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        step()
-        return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * unit, "ru_maxrss delta"
 
 
 def return_freed_memory_to_os():
@@ -107,14 +91,10 @@ def run_cell(method, T):
     def step():
         fn(q, k, v).backward(grad_out)
 
-    peak, how = measure_peak_extra_bytes(step)
-    times = []
-    for _ in range(TIMED_REPEATS):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
+    peak, how = peak_extra_bytes(step)  # this first full-size call is the warm-up
+    timing = measure(step, tokens_per_step=BATCH * T, warmup=0, iters=TIMED_REPEATS)
     print(json.dumps({"method": method, "T": T, "peak_bytes": peak, "how": how,
-                      "median_s": statistics.median(times)}), flush=True)
+                      "median_s": timing["median_s"]}), flush=True)
 
 
 def check_equal():
@@ -133,10 +113,7 @@ def check_equal():
 
 
 def main():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # here, not at the top: the --cells processes never plot
 
     check_equal()
     rows = {}
@@ -162,13 +139,13 @@ def main():
 
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
-    colors = {"naive": "#C53030", "flash": "#C9A227", "sdpa": "#1A365D"}
+    colors = {"naive": RED, "flash": GOLD, "sdpa": NAVY}
     for method in METHODS:
         ax_t.plot(SEQ_LENS, [rows[(method, T)]["median_s"] * 1e3 for T in SEQ_LENS], "o-",
                   color=colors[method], label=method)
         ax_m.plot(SEQ_LENS, [rows[(method, T)]["peak_bytes"] / 2**20 for T in SEQ_LENS], "o-",
                   color=colors[method], label=method)
-    ax_m.plot(SEQ_LENS, [BATCH * HEADS * T * T * 4 / 2**20 for T in SEQ_LENS], "--", color="#718096",
+    ax_m.plot(SEQ_LENS, [BATCH * HEADS * T * T * 4 / 2**20 for T in SEQ_LENS], "--", color=MUTED,
               label="one (T, T) fp32 matrix")
     for ax, title, unit in ((ax_t, "forward+backward time", "ms"), (ax_m, "peak extra memory", "MiB")):
         ax.set_xscale("log", base=2)
@@ -179,9 +156,9 @@ def main():
         ax.legend()
     fig.suptitle("Lesson 08: naive O(T^2) matrix vs flash tiles vs SDPA (measured, 2-core CPU)")
     fig.tight_layout()
-    tmp = OUT_DIR / "attention.tmp.png"
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, OUT_DIR / "attention.png")
+    buf = io.BytesIO()  # render, then one atomic write: never half a PNG on disk
+    fig.savefig(buf, format="png", dpi=110)
+    write_atomic(OUT_DIR / "attention.png", buf.getvalue())
     plt.close(fig)
     print(f"figure: {OUT_DIR / 'attention.png'}")
 
@@ -195,6 +172,8 @@ def main():
 
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "--cells":
+        # One thread, on purpose: this lesson measures each method's peak extra memory, and
+        # per-thread scratch buffers of a multi-threaded run can add to the high-water mark.
         torch.set_num_threads(1)
         for T in sys.argv[3].split(","):  # increasing T: each cell needs more than any before
             run_cell(sys.argv[2], int(T))

@@ -21,19 +21,16 @@ Another trap (not timed here): a new input shape triggers a recompile, i.e. anot
 
 Run: python lessons/10_torch_compile.py   (first run on a machine ~20-40 s, later runs ~5-15 s)
 """
-import pathlib
 import statistics
-import time
 
-import matplotlib
+import matplotlib.pyplot as plt
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+from minitrain.bench import fastest_thread_count, measure
+from minitrain.model import LayerNorm, TanhGELU
+from minitrain.style import GOLD, MUTED, NAVY, outputs_dir
 
-from minitrain.model import LayerNorm, TanhGELU  # noqa: E402
-
-OUT = pathlib.Path("outputs/lesson10")
+OUT = outputs_dir("lesson10")
 B, T, C = 16, 128, 256
 CALLS = 15  # calls timed one by one, the first one included
 WARMUP = 5  # calls skipped by the correct measurement
@@ -41,16 +38,12 @@ NAIVE_WINDOW = 10  # the mistake: the mean over the first 10 calls
 
 
 def per_call_times(fn, x, n):
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn(x)
-        times.append(time.perf_counter() - t0)
-    return times
+    """Every call's time, the first (compiling) one included: measure with warmup=0."""
+    return measure(lambda: fn(x), tokens_per_step=B * T, warmup=0, iters=n)["times_s"]
 
 
 def main():
-    torch.set_num_threads(1)  # stable timings on a shared machine; the ratio is the lesson
+    torch.set_num_threads(fastest_thread_count())  # all cores, unless 1 is faster now
     OUT.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     ln, gelu = LayerNorm(C), TanhGELU()
@@ -88,10 +81,10 @@ def main():
 
     fig, ax = plt.subplots(figsize=(9, 4))
     calls = range(1, CALLS + 1)
-    ax.semilogy(calls, [t * 1e3 for t in eager_times], "o-", color="#A0AEC0", label="eager")
-    ax.semilogy(calls, [t * 1e3 for t in compiled_times], "o-", color="#1A365D",
+    ax.semilogy(calls, [t * 1e3 for t in eager_times], "o-", color=MUTED, label="eager")
+    ax.semilogy(calls, [t * 1e3 for t in compiled_times], "o-", color=NAVY,
                 label="torch.compile")
-    ax.axvspan(0.5, WARMUP + 0.5, color="#C9A227", alpha=0.15, label="warm-up: not timed")
+    ax.axvspan(0.5, WARMUP + 0.5, color=GOLD, alpha=0.15, label="warm-up: not timed")
     ax.set_xlabel("call number")
     ax.set_ylabel("time per call (ms, log scale)")
     ax.set_title(f"compile once ({compile_s:.1f} s), then {eager_s / steady_s:.1f}x faster per "

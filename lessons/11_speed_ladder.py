@@ -18,41 +18,42 @@ Read the table like an engineer: speedup vs rung 0 is the cumulative gain; "vs t
 is what that one change bought. A rung below 1.00x is a real, measured slowdown on this hardware
 (its note says why), not an error. Here every rung trains in this one process, so peak memory
 is not compared (benchmarks/bench_ladder.py runs each rung in a fresh process for that).
+The measuring (train a rung, validate, tabulate) is benchmarks/ladder_runner.py.
 
 Run: python lessons/11_speed_ladder.py   (~20-40 s on 2 busy cores)
 """
 import pathlib
 import tempfile
 
-import matplotlib
+import matplotlib.pyplot as plt
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+from benchmarks import ladder_runner as runner
+from minitrain import ladder
+from minitrain.bench import fastest_thread_count
+from minitrain.style import GOLD, MUTED, NAVY, outputs_dir
 
-from minitrain import ladder  # noqa: E402
-
-OUT = pathlib.Path("outputs/lesson11")
+OUT = outputs_dir("lesson11")
 KEYS = ("0", "1", "2", "3", "4", "5", "6")
 MODEL = dict(steps=10, batch_size=4, seq_len=256, n_layer=2, n_head=4, n_embd=128)
 WARMUP = 4  # steps excluded from the median tokens/s
 
 
 def main():
-    torch.set_num_threads(1)  # stable timings on a shared machine; ratios are the lesson
+    torch.set_num_threads(fastest_thread_count())  # all cores, unless 1 is faster now
     OUT.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        data = ladder.prepare_data(pathlib.Path(tmp) / "tokens.bin", max_bytes=1_000_000)
+        data = runner.prepare_data(pathlib.Path(tmp) / "tokens.bin", max_bytes=1_000_000)
         base = ladder.default_base(**MODEL, data=data)
-        results = [ladder.train_rung(k, base, out_dir=pathlib.Path(tmp) / k, warmup=WARMUP)
+        results = [runner.train_rung(k, base, out_dir=pathlib.Path(tmp) / k, warmup=WARMUP)
                    for k in KEYS]
-    valid = ladder.validate(results)  # validate first: same step-0 loss as rung 0
-    rows = ladder.ladder_table(results)
+    valid = runner.validate(results)  # validate first: same step-0 loss as rung 0
+    rows = runner.ladder_table(results)
     print(f"Tiny GPT: {MODEL['n_layer']} layers, width {MODEL['n_embd']}, B={MODEL['batch_size']}"
           f", T={MODEL['seq_len']}, {MODEL['steps']} steps per rung, median of the last "
-          f"{MODEL['steps'] - WARMUP}; 1 thread\n")
-    print(ladder.format_table(rows, valid=valid, memory=False))  # one process: one shared peak
-    best = ladder.best_rung(rows, valid=valid)
+          f"{MODEL['steps'] - WARMUP}; {torch.get_num_threads()} thread(s)\n")
+    print(runner.format_table(rows, valid=valid, memory=False))  # one process: one shared peak
+    best = runner.best_rung(rows, valid=valid)
     print(f"\nbest rung: {best['key']} ({best['name']}), {best['speedup']:.2f}x rung 0")
     for r in rows:
         if r["vs_parent"] is not None and r["vs_parent"] < 1:
@@ -61,8 +62,8 @@ def main():
     fig, ax = plt.subplots(figsize=(10, 4.5))
     labels = [f"{r['key']}\n{r['name']}" for r in rows]
     values = [r["tokens_per_s"] for r in rows]
-    bars = ax.bar(labels, values, color=["#A0AEC0"] + ["#1A365D"] * (len(rows) - 1))
-    bars[rows.index(best)].set_color("#C9A227")
+    bars = ax.bar(labels, values, color=[MUTED] + [NAVY] * (len(rows) - 1))
+    bars[rows.index(best)].set_color(GOLD)
     for bar, r in zip(bars, rows):
         ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), f"{r['speedup']:.2f}x",
                 ha="center", va="bottom")
@@ -78,8 +79,15 @@ def main():
     bad = {k: reason for k, (ok, reason) in valid.items() if not ok}
     assert not bad, f"rungs failed validation: {bad}"
     assert best["speedup"] > 1.5, f"best rung only {best['speedup']:.2f}x rung 0"
-    assert rows[0]["speedup"] == 1.0 and all(
-        r["speedup"] == r["tokens_per_s"] / rows[0]["tokens_per_s"] for r in rows)
+    # The two columns agree: the cumulative speedup of a main rung is the product of the
+    # one-change gains on its path (a table dividing by the wrong rung breaks this).
+    by_key = {r["key"]: r for r in rows}
+    for r in rows:
+        product, key = 1.0, r["key"]
+        while by_key[key]["vs_parent"] is not None:
+            product *= by_key[key]["vs_parent"]
+            key = ladder.get_rung(key).builds_on
+        assert abs(product - r["speedup"]) <= 1e-9 * r["speedup"], (r["key"], product)
 
 
 if __name__ == "__main__":

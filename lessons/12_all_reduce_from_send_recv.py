@@ -14,23 +14,26 @@ averaging), `torch.distributed` basics (rank, world size, process group).
 Run: python lessons/12_all_reduce_from_send_recv.py   (spawns its own CPU processes, < 60 s)
 """
 import json
-import pathlib
-import time
+import os
 
-import matplotlib
+import matplotlib.pyplot as plt
+import torch
+import torch.distributed as dist
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
+from minitrain import collectives
+from minitrain.bench import measure
+from minitrain.distributed_utils import launch
+from minitrain.style import GOLD, MUTED, NAVY, outputs_dir
 
-from minitrain import collectives  # noqa: E402
-from minitrain.distributed_utils import launch  # noqa: E402
-
-OUT = pathlib.Path("outputs/lesson12")
+OUT = outputs_dir("lesson12")
 SIZES_MB = (0.25, 1.0, 4.0)
 WORLDS = (2, 3)
 REPEATS = 5
+
+
+def threads_per_rank(world):
+    """All cores, shared by the ranks: one process per rank, cores // world threads each."""
+    return max(1, (os.cpu_count() or 1) // world)
 
 
 def naive_all_reduce(tensor):
@@ -63,14 +66,16 @@ def _count_sent_bytes():
 
 
 def _median_time(fn, x):
-    times = []
-    for _ in range(REPEATS):
-        y = x.clone()
+    """Median of REPEATS calls of fn on a fresh copy of x, the ranks lined up by a barrier
+    before each call (untimed: `measure`'s before_each), no warm-up excluded."""
+    y = x.clone()
+
+    def reset():
+        y.copy_(x)
         dist.barrier()
-        t0 = time.perf_counter()
-        fn(y)
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+
+    return measure(lambda: fn(y), tokens_per_step=x.numel(), warmup=0, iters=REPEATS,
+                   before_each=reset)["median_s"]
 
 
 def _rank_main(rank, world):
@@ -98,7 +103,8 @@ def _rank_main(rank, world):
 def main():
     OUT.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    per_world = {world: launch(_rank_main, world, timeout_s=120, preload=()) for world in WORLDS}
+    per_world = {world: launch(_rank_main, world, timeout_s=120, preload=(),
+                               threads=threads_per_rank(world)) for world in WORLDS}
     print(f"{'N':>2} {'MB':>5} | {'sent/rank naive (max)':>21} {'ring':>10} {'2(N-1)/N*D':>11} | "
           f"{'naive ms':>8} {'ring ms':>8} {'gloo ms':>8}")
     table = []
@@ -129,15 +135,15 @@ def main():
         ranks = range(row["world"])
         xs = [j * 4 + r for r in ranks]
         axes[0].bar([x - width / 2 for x in xs], [b / 2**20 for b in row["naive_sent_per_rank"]],
-                    width, color="#A0AEC0", label="naive (via rank 0)" if j == 0 else None)
+                    width, color=MUTED, label="naive (via rank 0)" if j == 0 else None)
         axes[0].bar([x + width / 2 for x in xs], [b / 2**20 for b in row["ring_sent"]], width,
-                    color="#1A365D", label="ring" if j == 0 else None)
+                    color=NAVY, label="ring" if j == 0 else None)
     axes[0].set_xticks([j * 4 + r for j, row in enumerate(biggest) for r in range(row["world"])])
     axes[0].set_xticklabels([f"N={row['world']}\nrank {r}" for row in biggest
                              for r in range(row["world"])])
     axes[0].set_title(f"MB sent by each rank for one all-reduce of D = {SIZES_MB[-1]} MB")
     axes[0].legend()
-    for name, color in (("naive_ms", "#A0AEC0"), ("ring_ms", "#1A365D"), ("dist_ms", "#C9A227")):
+    for name, color in (("naive_ms", MUTED), ("ring_ms", NAVY), ("dist_ms", GOLD)):
         for world, style in zip(WORLDS, ("-", "--")):
             rows = [r for r in table if r["world"] == world]
             axes[1].plot([r["mb"] for r in rows], [r[name] for r in rows], style, color=color,

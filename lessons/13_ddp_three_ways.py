@@ -18,29 +18,33 @@ overlap helps far less than on GPUs with a separate network engine; the message 
 robust lesson.
 """
 import json
-import pathlib
+import os
 import statistics
 
-import matplotlib
+import matplotlib.pyplot as plt
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+from benchmarks.experiments import compare_ddp_modes
+from minitrain.distributed_utils import launch
+from minitrain.model import GPT, GPTConfig
+from minitrain.style import GOLD, NAVY, outputs_dir
 
-from minitrain.distributed_utils import compare_ddp_modes  # noqa: E402
-from minitrain.distributed_utils import launch  # noqa: E402
-from minitrain.model import GPT, GPTConfig  # noqa: E402
-
-OUT = pathlib.Path("outputs/lesson13")
+OUT = outputs_dir("lesson13")
 WORLD = 2
 SETTINGS = dict(n_layer=2, n_head=2, n_embd=32, batch=4, seq_len=64, check_steps=3, warmup=2,
                 iters=10)
 
 
+def threads_per_rank(world):
+    """All cores, shared by the ranks: one process per rank, cores // world threads each."""
+    return max(1, (os.cpu_count() or 1) // world)
+
+
 def main():
     OUT.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    ranks = launch(compare_ddp_modes, WORLD, timeout_s=150, **SETTINGS)
+    ranks = launch(compare_ddp_modes, WORLD, timeout_s=150, threads=threads_per_rank(WORLD),
+                   **SETTINGS)
     n_params = len(list(GPT(GPTConfig(vocab_size=256, block_size=SETTINGS["seq_len"],
                                       n_layer=2, n_head=2, n_embd=32)).parameters()))
     print(f"tiny GPT: {n_params} parameter tensors, {WORLD} ranks, batch {SETTINGS['batch']} x "
@@ -69,11 +73,11 @@ def main():
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     labels = [r["variant"] for r in rows]
     axes[0].bar(labels, [r["median_ms"] for r in rows],
-                color=["#1A365D" if lab != "torch_ddp" else "#C9A227" for lab in labels])
+                color=[NAVY if lab != "torch_ddp" else GOLD for lab in labels])
     axes[0].set_ylabel("median step time (ms), 2 shared CPU cores")
     axes[0].set_title("step time (same run, round-robin)")
     counts = [r["all_reduces"] for r in rows if r["variant"] != "torch_ddp"]
-    axes[1].bar([lab for lab in labels if lab != "torch_ddp"], counts, color="#1A365D")
+    axes[1].bar([lab for lab in labels if lab != "torch_ddp"], counts, color=NAVY)
     axes[1].set_ylabel("all-reduce calls per step")
     axes[1].set_title("messages per step: buckets amortise the latency")
     for ax in axes:

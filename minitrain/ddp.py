@@ -116,7 +116,7 @@ class DDP(torch.nn.Module):
                 self._where[id(p)] = (b, i)
         self._next_bucket = 0  # buckets are launched strictly in order on every rank
         self._hooks = []
-        if overlap and mode != "naive":
+        if overlap and mode != "naive" and self.world_size > 1:
             hook = self._overlap_hook if mode == "overlap" else self._bucket_hook
             self._hooks = [p.register_post_accumulate_grad_hook(hook) for p in self._params]
 

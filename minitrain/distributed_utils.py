@@ -2,16 +2,22 @@
 
 What: `launch(fn, world_size, *args, timeout_s=60)` starts `world_size` processes, joins them
 into one gloo process group, calls `fn(rank, world_size, *args, **kwargs)` in each, and returns
-the list of the ranks' return values (index = rank). Tests, lessons and benchmarks all use it, so none of them
-copies the set-up code.
+the list of the ranks' return values (index = rank). Tests, lessons and benchmarks all use it, so
+none of them copies the set-up code.
 
 Why: torch.distributed code needs several processes. In production `torchrun` starts them and sets
 RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT; here one Python call does the same for a lesson or
 a test. The pieces that make it safe:
-- a rendezvous nobody else uses (a free TCP port on 127.0.0.1, found by binding port 0);
+- a rendezvous nobody else can join: a `FileStore` in a fresh temporary folder (no TCP port to
+  race for: a port found free by binding port 0 can be taken by another process before rank 0
+  listens on it, and then ranks of two different jobs can meet);
 - a timeout on the rendezvous, on every collective and on the whole launch, so a bug that leaves
   one rank waiting for a message that never comes fails loudly instead of hanging the test suite;
-- results sent back as bytes (`torch.save`), so tensors survive the child process exiting;
+- results sent back as bytes (`torch.save`), so tensors survive the child process exiting, and
+  flushed to the pipe before the rank tears anything down;
+- an orderly exit: every rank passes a barrier before `destroy_process_group`, so no rank leaves
+  (closing its sockets) while a peer is still inside a collective; the parent lets the ranks exit
+  on their own and reports a rank that crashes while leaving instead of killing it unseen;
 - an exception in any rank is re-raised in the parent with that rank's traceback.
 
 Start method: "fork" (Linux default here) starts a rank in ~0.1 s because the parent's imported
@@ -19,16 +25,20 @@ modules are reused; "spawn" starts a fresh interpreter (seconds: it re-imports t
 `fn` to be importable (defined at module level). Fork is safe here because the parent never
 initialises a process group and runs torch with one thread.
 
-Common bug: starting a distributed script with plain `python` runs a single process with
-WORLD_SIZE unset; use `torchrun --nproc_per_node N` (or this helper) instead.
+Common bugs: starting a distributed script with plain `python` runs a single process with
+WORLD_SIZE unset; use `torchrun --nproc_per_node N` (or this helper) instead. And tearing a job
+down by killing its processes as soon as the answers are in: a rank still closing its group
+then loses its peers mid-operation, and a crash there (SIGABRT from C++ teardown) goes unseen.
 """
 import datetime
 import importlib
 import io
 import os
 import queue
+import shutil
 import socket
 import sys
+import tempfile
 import time
 import traceback
 
@@ -50,20 +60,38 @@ def _to_bytes(obj):
     return buf.getvalue()
 
 
-def _worker(rank, world_size, port, timeout_s, fn, args, kwargs, results, threads):
+def _worker(rank, world_size, port, store_path, timeout_s, fn, args, kwargs, results, threads):
+    """One rank: join the group, run fn, hand the result back, then leave the group in step."""
     try:
         torch.set_num_threads(threads)
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                           RANK=str(rank), WORLD_SIZE=str(world_size))
-        dist.init_process_group("gloo", rank=rank, world_size=world_size,
+        dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank,
+                                world_size=world_size,
                                 timeout=datetime.timedelta(seconds=timeout_s))
-        try:
-            out = fn(rank, world_size, *args, **kwargs)
-            results.put((rank, "ok", _to_bytes(out)))
-        finally:
-            dist.destroy_process_group()
     except BaseException:  # report every failure, also KeyboardInterrupt / SystemExit
-        results.put((rank, "error", traceback.format_exc()))
+        _send(results, (rank, "error", traceback.format_exc()))
+        return
+    ok = False
+    try:
+        message = (rank, "ok", _to_bytes(fn(rank, world_size, *args, **kwargs)))
+        ok = True
+    except BaseException:
+        message = (rank, "error", traceback.format_exc())
+    _send(results, message)  # the answer is in the pipe before anything is torn down
+    try:  # (fn may have destroyed the group itself: then there is nothing left to leave)
+        if ok and dist.is_initialized():  # nobody leaves while a peer is still inside fn or
+            dist.barrier()                # one of its collectives
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()  # every rank's gloo work is done: the barrier came last
+
+
+def _send(results, message):
+    """Put `message` and wait until the queue's feeder thread has written it to the pipe."""
+    results.put(message)
+    results.close()
+    results.join_thread()
 
 
 def launch(fn, world_size, *args, timeout_s=60.0, start_method=None, threads=1,
@@ -72,8 +100,9 @@ def launch(fn, world_size, *args, timeout_s=60.0, start_method=None, threads=1,
     [result of rank 0, result of rank 1, ...].
 
     `preload`: modules imported in the parent before forking (pass () when `fn` builds no
-    optimizer and no torch DDP). Raises RuntimeError with the failing rank's traceback, or
-    TimeoutError after `timeout_s`.
+    optimizer and no torch DDP). Raises RuntimeError with the failing rank's traceback (or when
+    a rank that returned its result then crashed while leaving the group), or TimeoutError after
+    `timeout_s` (no result, or a rank that never exits).
     """
     if not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
@@ -88,15 +117,19 @@ def launch(fn, world_size, *args, timeout_s=60.0, start_method=None, threads=1,
             importlib.import_module(name)
     ctx = mp.get_context(start_method)
     results = ctx.Queue()
-    port = free_port()
+    store_dir = tempfile.mkdtemp(prefix="minitrain_launch_")  # the rendezvous: a FileStore
+    store_path = os.path.join(store_dir, "store")
+    port = free_port()  # only exported as MASTER_PORT, for code that reads torchrun's variables
     procs = [ctx.Process(target=_worker, daemon=True,
-                         args=(r, world_size, port, timeout_s, fn, args, kwargs, results, threads))
+                         args=(r, world_size, port, store_path, timeout_s, fn, args, kwargs,
+                               results, threads))
              for r in range(world_size)]
     for p in procs:
         p.start()
     deadline = time.monotonic() + timeout_s
     out = [None] * world_size
     received = 0
+    ok = False
     try:
         while received < world_size:
             left = deadline - time.monotonic()
@@ -117,127 +150,26 @@ def launch(fn, world_size, *args, timeout_s=60.0, start_method=None, threads=1,
                 raise RuntimeError(f"rank {rank} failed:\n{payload}")
             out[rank] = torch.load(io.BytesIO(payload), weights_only=False)
             received += 1
+        ok = True
     finally:
+        # Success: let every rank leave the group on its own (barrier, destroy, exit) -- killing
+        # one mid-teardown is what tears its peers' connections down under them. Failure: the
+        # job is lost, stop every rank now.
+        grace_end = max(deadline, time.monotonic() + 10.0) if ok else time.monotonic()
         for p in procs:
-            p.join(timeout=max(0.1, min(5.0, deadline - time.monotonic())))
+            p.join(timeout=max(0.0, grace_end - time.monotonic()))
+        stuck = [r for r, p in enumerate(procs) if p.is_alive()]
         for p in procs:
             if p.is_alive():
                 p.kill()
                 p.join(timeout=5)
+        shutil.rmtree(store_dir, ignore_errors=True)
+    if stuck:
+        raise TimeoutError(f"launch: rank(s) {stuck} returned their result but did not exit "
+                           f"within timeout_s={timeout_s} (stuck leaving the process group)")
+    crashed = {r: p.exitcode for r, p in enumerate(procs) if p.exitcode != 0}
+    if crashed:
+        raise RuntimeError(f"launch: rank(s) {sorted(crashed)} returned their result, then "
+                           f"exited with codes {list(crashed.values())} while leaving the "
+                           "process group (a crash in teardown: see the ranks' stderr)")
     return out
-
-
-# ---- experiments shared by lessons 13-14, the animations and the benchmark -------------------
-# Each is a launch target: `launch(train_with_stage, 2, stage)`. They live here (not in the
-# algorithm modules) so those stay short and only teach the algorithm.
-def train_with_stage(rank, world, stage, *, n_layer=2, n_embd=32, steps=2, seed=0, batch=2,
-                     seq_len=32, lr=1e-3):
-    """Train the tiny GPT `steps` AdamW steps with ZeRO `stage` (0 = DDP + AdamW) on this rank's
-    slice of a seeded batch; return this rank's memory report and the last loss (all-reduced).
-    Run it under `minitrain.distributed_utils.launch`. Lessons, animation and bench share it."""
-    from minitrain.ddp import DDP
-    from minitrain.model import GPT, GPTConfig
-    from minitrain.zero import ZeroOptimizer, memory_report, shard_model
-
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(vocab_size=256, block_size=seq_len, n_layer=n_layer, n_head=2,
-                          n_embd=n_embd))
-    num_params = sum(p.numel() for p in model.parameters())
-    sync = None
-    if stage in (0, 1):
-        model = DDP(model)
-        sync = model.finish_gradient_synchronization
-    if stage == 3:
-        shard_model(model)
-    inner = model.module if stage in (0, 1) else model
-    opt = (ZeroOptimizer(inner.parameters(), torch.optim.AdamW, stage=stage, lr=lr)
-           if stage in (1, 2) else torch.optim.AdamW(inner.parameters(), lr=lr))
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        idx = torch.randint(0, 256, (world * batch, seq_len + 1), generator=gen)
-        mine = idx[rank * batch:(rank + 1) * batch]  # (batch, seq_len + 1)
-        opt.zero_grad()
-        loss = model(mine[:, :-1], mine[:, 1:])[1]
-        loss.backward()
-        if sync is not None:
-            sync()
-        opt.step()
-    loss = loss.detach().clone()
-    dist.all_reduce(loss)
-    return {"stage": stage, "rank": rank, "loss": loss.item() / world,
-            **memory_report(inner, opt, stage=stage, num_params=num_params),
-            "num_params": num_params}
-
-
-VARIANTS = {  # label -> DDP keyword arguments (None = torch's DistributedDataParallel)
-    "naive": dict(mode="naive", overlap=False),
-    "overlap": dict(mode="overlap", overlap=True),
-    "bucketed": dict(mode="bucketed", overlap=True),
-    "bucketed_no_overlap": dict(mode="bucketed", overlap=False),
-    "torch_ddp": None,
-}
-
-
-def compare_ddp_modes(rank, world, *, variants=tuple(VARIANTS), n_layer=2, n_head=2, n_embd=32,
-                      batch=4, seq_len=64, check_steps=3, warmup=2, iters=10, seed=0,
-                      bucket_cap_mb=25.0):
-    """Run under `distributed_utils.launch`: for each variant, train the tiny GPT `check_steps`
-    AdamW steps from the same weights (max |param - torch DDP's|), count the all-reduce calls of
-    one step, then time steps round-robin over the variants (fair under a noisy machine).
-    Returns {label: {"max_diff", "all_reduces_per_step", "times_s"}} for this rank."""
-    import copy
-    import time
-
-    from torch.nn.parallel import DistributedDataParallel as TorchDDP
-
-    from minitrain.ddp import DDP
-    from minitrain.model import GPT, GPTConfig
-
-    torch.manual_seed(seed)
-    base = GPT(GPTConfig(vocab_size=256, block_size=seq_len, n_layer=n_layer, n_head=n_head,
-                         n_embd=n_embd))
-    calls = {"n": 0}
-    original_all_reduce = dist.all_reduce
-
-    def counting_all_reduce(*args, **kwargs):
-        calls["n"] += 1
-        return original_all_reduce(*args, **kwargs)
-
-    gen = torch.Generator().manual_seed(seed + 1)
-    data = torch.randint(0, 256, (check_steps + 1, world * batch, seq_len + 1), generator=gen)
-    runs = {}
-    for label in ("torch_ddp",) + tuple(v for v in variants if v != "torch_ddp"):
-        kwargs = VARIANTS[label]
-        model = (TorchDDP(copy.deepcopy(base)) if kwargs is None
-                 else DDP(copy.deepcopy(base), bucket_cap_mb=bucket_cap_mb, **kwargs))
-        sync = getattr(model, "finish_gradient_synchronization", lambda: None)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-
-        def step(i, model=model, sync=sync, opt=opt):
-            mine = data[i % len(data), rank * batch:(rank + 1) * batch]  # (batch, seq_len + 1)
-            opt.zero_grad(set_to_none=True)
-            model(mine[:, :-1], mine[:, 1:])[1].backward()
-            sync()
-            opt.step()
-
-        for i in range(check_steps):
-            step(i)
-        dist.all_reduce = counting_all_reduce
-        calls["n"] = 0
-        step(check_steps)
-        dist.all_reduce = original_all_reduce
-        inner = model.module
-        runs[label] = {"step": step, "params": [p.detach().clone() for p in inner.parameters()],
-                       "all_reduces_per_step": calls["n"], "times_s": []}
-    ref = runs["torch_ddp"]["params"]
-    for run in runs.values():
-        run["max_diff"] = max((a - b).abs().max().item() for a, b in zip(run["params"], ref))
-    for i in range(warmup + iters):
-        for run in runs.values():
-            dist.barrier()
-            t0 = time.perf_counter()
-            run["step"](i)
-            if i >= warmup:
-                run["times_s"].append(time.perf_counter() - t0)
-    return {label: {k: run[k] for k in ("max_diff", "all_reduces_per_step", "times_s")}
-            for label, run in runs.items() if label in variants}

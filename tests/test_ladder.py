@@ -1,6 +1,8 @@
 """The speed ladder: every rung adds one change, every rung trains, the table's speedups are
 computed from the measured numbers, and `make bench`'s driver propagates failures.
 
+The rungs are data in `minitrain.ladder`; measuring them is `benchmarks.ladder_runner`.
+
 Compile rungs (7, 8): by default the test swaps inductor for the "aot_eager" backend. dynamo still
 traces the model and AOTAutograd still builds the joint forward/backward graph under autocast
 (graph breaks and dtype errors show up), but no C++ is generated: a cold inductor compile takes
@@ -19,7 +21,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from benchmarks import ladder_runner as runner
 from minitrain import ladder
+from minitrain.bench import peak_memory_bytes
 from minitrain.train import TrainConfig
 from minitrain.train_config import validate_config
 
@@ -34,14 +38,14 @@ pytestmark = pytest.mark.lesson11
 
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory):
-    data = ladder.prepare_data(tmp_path_factory.mktemp("ladder") / "tokens.bin",
+    data = runner.prepare_data(tmp_path_factory.mktemp("ladder") / "tokens.bin",
                                max_bytes=40_000)
     return ladder.default_base(**TINY, data=data)
 
 
 @pytest.fixture(scope="module")
 def reference(tiny_base, tmp_path_factory):
-    return ladder.train_rung("0", tiny_base, out_dir=tmp_path_factory.mktemp("r0"), warmup=1)
+    return runner.train_rung("0", tiny_base, out_dir=tmp_path_factory.mktemp("r0"), warmup=1)
 
 
 def test_each_rung_adds_exactly_one_change_to_the_rung_it_builds_on():
@@ -82,24 +86,33 @@ def test_every_rung_trains_two_steps(key, tiny_base, reference, tmp_path, monkey
             os.environ.get("MINITRAIN_TEST_INDUCTOR") != "1":
         monkeypatch.setattr(torch, "compile", functools.partial(torch.compile,
                                                                 backend="aot_eager"))
-    result = reference if key == "0" else ladder.train_rung(key, tiny_base, out_dir=tmp_path,
+    result = reference if key == "0" else runner.train_rung(key, tiny_base, out_dir=tmp_path,
                                                             warmup=1)
     assert result["steps"] == 2
     assert math.isfinite(result["final_loss"]) and result["tokens_per_s"] > 0
     for name, value in ladder.get_rung(key).change.items():
         expected = value(tiny_base[name]) if callable(value) else value
         assert result["config"][name] == expected
-    ok, reason = ladder.validate([reference, result])[key]
+    ok, reason = runner.validate([reference, result])[key]
     assert ok, reason
 
 
 def test_run_rung_measures_in_a_fresh_process(tiny_base, tmp_path):
-    """run_rung trains in a subprocess and reports that process's own peak RSS and its numbers."""
-    result = ladder.run_rung("4", tiny_base, out_dir=tmp_path, warmup=1, timeout_s=120,
+    """run_rung trains in another process, so the peak memory it reports is that process's own:
+    after this process has touched 1 GiB, a tiny rung's reported peak stays below this process's
+    peak (measured in this process, a high-water mark can only include the 1 GiB)."""
+    import torch
+
+    big = torch.ones(2**28)  # 2**28 float32 = 1 GiB, written: resident in THIS process
+    parent_peak = peak_memory_bytes("cpu")
+    del big
+    result = runner.run_rung("4", tiny_base, out_dir=tmp_path, warmup=1, timeout_s=120,
                              threads=1)
     assert result["key"] == "4" and result["steps"] == 2
-    assert result["peak_rss_bytes"] >= result["rss_at_start_bytes"] > 0
-    assert (tmp_path / "metrics.jsonl").is_file()
+    assert result["pid"] != os.getpid()
+    child_peak = result["peak_rss_bytes"]
+    assert 0 < child_peak < parent_peak - 2**29, (child_peak, parent_peak)
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
 
 
 def test_summary_excludes_warmup_steps():
@@ -107,29 +120,36 @@ def test_summary_excludes_warmup_steps():
     warm-up steps do not count; the first step's speed is kept separately."""
     records = [{"step": i, "loss": 5.0 - i, "tokens_per_s": tps, "peak_mem_bytes": 10 * i}
                for i, tps in enumerate([1.0, 50.0, 100.0, 110.0, 90.0])]
-    s = ladder.summarize_metrics(records, warmup=2)
+    s = runner.summarize_metrics(records, warmup=2)
     assert s["tokens_per_s"] == 100.0 and s["first_step_tokens_per_s"] == 1.0
     assert s["final_loss"] == 1.0 and s["loss_step0"] == 5.0 and s["peak_mem_bytes"] == 40
 
 
-measurements = st.lists(st.floats(1.0, 1e7, allow_nan=False), min_size=len(CPU_KEYS),
-                        max_size=len(CPU_KEYS))
+# Known answers: rung k runs at base * 2**e_k tokens/s (powers of two divide exactly), so its
+# speedup over rung 0 must be 2**(e_k - e_0) and over its parent 2**(e_k - e_parent).
+exponents = st.lists(st.integers(-6, 6), min_size=len(CPU_KEYS), max_size=len(CPU_KEYS))
 
 
-@given(measurements)
-def test_table_speedups_are_computed_from_measurements(tps):
-    """speedup = tokens/s / rung 0's tokens/s for every row, rung 0 is 1.00x, the Markdown shows
-    exactly those numbers, and the best rung is the valid row with the largest ratio."""
-    results = [{"key": k, "tokens_per_s": v, "first_step_tokens_per_s": v, "tokens_per_step": 64,
-                "loss_step0": 5.5, "final_loss": 5.0, "peak_rss_bytes": 2**20}
-               for k, v in zip(CPU_KEYS, tps)]
-    rows = ladder.ladder_table(results)
-    for row, v in zip(rows, tps):
-        assert row["speedup"] == pytest.approx(v / tps[0], rel=1e-12)
-    text = ladder.format_table(rows)
+@given(exponents, st.integers(1, 10**6))
+def test_table_speedups_equal_known_ratios(exps, base):
+    """With tokens/s = base * 2**e per rung, every row's speedup is exactly 2**(e - e_rung0) and
+    its "vs the rung below" 2**(e - e_parent); the Markdown prints those numbers and the best
+    rung is the one with the largest exponent."""
+    e = dict(zip(CPU_KEYS, exps))
+    results = [{"key": k, "tokens_per_s": base * 2.0**e[k], "first_step_tokens_per_s": 1.0,
+                "tokens_per_step": 64, "loss_step0": 5.5, "final_loss": 5.0,
+                "peak_rss_bytes": 2**20} for k in CPU_KEYS]
+    rows = runner.ladder_table(results)
+    text = runner.format_table(rows)
     for row in rows:
-        assert f"| {row['speedup']:.2f}x |" in text
-    assert ladder.best_rung(rows)["speedup"] == pytest.approx(max(tps) / tps[0])
+        rung = ladder.get_rung(row["key"])
+        assert row["speedup"] == 2.0 ** (e[row["key"]] - e["0"])
+        if rung.builds_on is None:
+            assert row["vs_parent"] is None
+        else:
+            assert row["vs_parent"] == 2.0 ** (e[row["key"]] - e[rung.builds_on])
+        assert f"| {2.0 ** (e[row['key']] - e['0']):.2f}x |" in text
+    assert runner.best_rung(rows)["speedup"] == 2.0 ** (max(exps) - e["0"])
 
 
 def test_invalid_rung_prints_no_speed():
@@ -139,20 +159,20 @@ def test_invalid_rung_prints_no_speed():
                 "tokens_per_step": 64, "loss_step0": 5.5, "final_loss": 5.0},
                {"key": "4", "tokens_per_s": 999.0, "first_step_tokens_per_s": 50.0,
                 "tokens_per_step": 64, "loss_step0": 5.6, "final_loss": 5.0}]
-    valid = ladder.validate(results)
+    valid = runner.validate(results)
     assert valid["0"][0] and not valid["4"][0]
-    text = ladder.format_table(ladder.ladder_table(results), valid=valid)
+    text = runner.format_table(runner.ladder_table(results), valid=valid)
     assert "INVALID" in text and "999" not in text
-    assert ladder.best_rung(ladder.ladder_table(results), valid=valid)["key"] == "0"
+    assert runner.best_rung(runner.ladder_table(results), valid=valid)["key"] == "0"
 
 
-def _run_all(bench_dir, out_dir):
+def _run_all(bench_dir, out_dir, *extra):
     """run_all.main in this process (torch is already imported); each script is a subprocess."""
     spec = importlib.util.spec_from_file_location("run_all", ROOT / "benchmarks" / "run_all.py")
     run_all = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(run_all)
     return run_all.main(["--bench-dir", str(bench_dir), "--out-dir", str(out_dir),
-                         "--timeout", "60"])
+                         "--timeout", "60", *extra])
 
 
 def test_run_all_runs_every_script_and_propagates_failure(tmp_path):
@@ -172,3 +192,20 @@ def test_run_all_runs_every_script_and_propagates_failure(tmp_path):
     assert [r["passed"] for r in summary["results"]] == [False, True]
     (bench / "bench_a_fails.py").unlink()
     assert _run_all(bench, out) == 0
+
+
+def test_run_all_passes_quick_to_every_script_in_its_own_process(tmp_path):
+    """`run_all --quick` starts each bench_*.py as its own process with `--quick` in its argv
+    (two scripts report two different process ids, both with the flag)."""
+    bench, out = tmp_path / "bench", tmp_path / "out"
+    bench.mkdir()
+    for name in ("bench_x", "bench_y"):
+        (bench / f"{name}.py").write_text(
+            "import json, os, pathlib, sys\n"
+            f"pathlib.Path({str(tmp_path / name)!r} + '.json').write_text("
+            "json.dumps({'argv': sys.argv[1:], 'pid': os.getpid()}))\n")
+    assert _run_all(bench, out, "--quick") == 0
+    seen = [json.loads((tmp_path / f"{n}.json").read_text()) for n in ("bench_x", "bench_y")]
+    assert [r["argv"] for r in seen] == [["--quick"], ["--quick"]]
+    assert seen[0]["pid"] != seen[1]["pid"] != os.getpid()
+    assert json.loads((out / "run_all.json").read_text())["quick"] is True
