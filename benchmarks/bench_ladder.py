@@ -23,8 +23,9 @@ use `--threads 1` there; the ratios between rungs are what this table is for.
 On a machine with CUDA the GPU ladder (minitrain.ladder.GPU_RUNGS: TF32, SDPA, bf16, fused AdamW,
 torch.compile, larger batch) runs as well, on a GPT-2-small-like model (12 layers, 12 heads,
 768 wide, T=1024; the byte vocabulary, 256, is already a multiple of 64, so it needs no padding),
-and the table adds MFU = achieved FLOP/s / the GPU's dense bf16 peak, with the nanoGPT estimate
-FLOPs/token = 6 N + 12 L C T. NOTE: this GPU path was written on a machine without a GPU and has
+and its table also gives MFU against the vendor's datasheet bf16 peak for the detected device.
+Every rung, CPU and GPU, reports MFU = tokens/s x FLOPs/token / the MEASURED matmul peak of this
+machine (minitrain.profile: FLOPs/token = 6 N + 12 L C T; peak_flops measured once, cached). NOTE: this GPU path was written on a machine without a GPU and has
 never been run; treat its first run as a test of it.
 
 Run: python benchmarks/bench_ladder.py [--rungs 0 4 7] [--steps 16] [--threads 1] [--seq-len 256 1024]
@@ -42,6 +43,7 @@ import torch
 from benchmarks import ladder_runner as runner
 from benchmarks.harness import machine_metadata, write_report
 from minitrain import ladder
+from minitrain.profile import flops_per_token, mfu, peak_flops, vendor_peak_flops
 from minitrain.style import outputs_dir
 
 TARGET = 5.0  # the course's goal for the ladder: best rung >= 5x rung 0
@@ -53,23 +55,23 @@ CPU_MODEL = dict(batch_size=8, seq_len=256, n_layer=2, n_head=4, n_embd=128)
 CPU_SEQ_LENS = (256, 1024)
 GPU_MODEL = dict(batch_size=8, seq_len=1024, n_layer=12, n_head=12, n_embd=768, steps=30)
 GPU_WARMUP = 10
-# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, matched by device name.
-PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
-             "A10": 125e12, "V100": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
 
 
-def flops_per_token(cfg):
-    """nanoGPT's estimate: 6 N (matmuls fwd+bwd) + 12 L C T (attention scores and values)."""
-    L, C, T = cfg["n_layer"], cfg["n_embd"], cfg["seq_len"]
-    n_params = 12 * L * C * C + 13 * L * C + 256 * C + 2 * C  # blocks + tied embedding + ln_f
-    return 6 * n_params + 12 * L * C * T
+def measured_peak(device, threads):
+    """This machine's measured matmul ceiling (FLOP/s): fp32 on CPU at the rungs' thread count,
+    bf16 on a GPU (minitrain.profile.peak_flops, cached per machine)."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return peak_flops(dtype, device=device), dtype
+    finally:
+        torch.set_num_threads(before)
 
 
-def peak_flops(gpu_name):
-    for key, value in PEAK_BF16.items():
-        if gpu_name and key in gpu_name:
-            return value
-    return None
+def _dtype_name(dtype):
+    return str(dtype).replace("torch.", "")
 
 
 def run_ladder(keys, base, *, warmup, threads, workdir, timeout_s):
@@ -88,20 +90,27 @@ def run_ladder(keys, base, *, warmup, threads, workdir, timeout_s):
     return results, failures
 
 
-def section(title, keys, base, results, failures, *, warmup, gpu_name=None):
-    """Validate, build the table, add MFU on GPU; returns (markdown, json dict, all_ok)."""
+def section(title, keys, base, results, failures, *, warmup, peak, peak_dtype, gpu_name=None):
+    """Validate, build the table, add MFU to every rung; returns (markdown, json, all_ok).
+
+    MFU = tokens/s x flops_per_token (6N + 12 L T C, minitrain.profile) / `peak`, the MEASURED
+    matmul ceiling of this machine; on a GPU also against the datasheet peak of the detected
+    device (None when the device is not in the table: never one A100 number for every GPU)."""
     valid = runner.validate(results, reference_key=keys[0]) if results and \
         any(r["key"] == keys[0] for r in results) else {}
     rows = runner.ladder_table(results, reference_key=keys[0]) if valid else []
     for row in rows:
         row["valid"], row["validation"] = valid[row["key"]]
+        fpt = flops_per_token(dict(row["config"]))
+        row["flops_per_token"] = fpt
+        row["mfu"] = mfu(row["tokens_per_s"], fpt, peak)
+        note = f"MFU {row['mfu']:.1%} of the measured {_dtype_name(peak_dtype)} peak"
         if gpu_name is not None:
-            peak = peak_flops(gpu_name)
-            cfg = row["config"]
-            achieved = row["tokens_per_s"] * flops_per_token(cfg)
-            row["mfu"] = achieved / peak if peak else None
-            row["note"] = (f"MFU {row['mfu']:.1%}; " if row["mfu"] is not None else
-                           "MFU: unknown peak; ") + row["note"]
+            sheet = vendor_peak_flops(gpu_name, torch.bfloat16)
+            row["mfu_datasheet"] = mfu(row["tokens_per_s"], fpt, sheet) if sheet else None
+            note += (f", {row['mfu_datasheet']:.1%} of the datasheet bf16 peak"
+                     if sheet else ", datasheet peak unknown for this device")
+        row["note"] = note + "; " + row["note"]
     lines = [f"## {title}", "", runner.format_table(rows, valid=valid) if rows else
              "No result: the reference rung did not run.", ""]
     ok = bool(rows) and all(v[0] for v in valid.values()) and not failures
@@ -178,6 +187,9 @@ def main(argv=None):
                                    max_bytes=200_000 if args.quick else 4_000_000)
         threads = f"{args.threads} thread{'s' if args.threads > 1 else ''}"
         md, sections = [], []
+        cpu_peak, cpu_dtype = measured_peak("cpu", args.threads)
+        print(f"measured CPU peak: {cpu_peak / 1e9:,.1f} GFLOP/s ({_dtype_name(cpu_dtype)}, "
+              f"{args.threads or torch.get_num_threads()} threads)", flush=True)
         for seq_len in args.seq_len:  # attention's share of the step grows with T: one ladder each
             model = {k: getattr(args, k) for k in CPU_MODEL if k != "seq_len"}
             base = ladder.default_base(**model, seq_len=seq_len, steps=args.steps, data=data)
@@ -186,7 +198,7 @@ def main(argv=None):
             cpu_md, cpu_json, cpu_ok = section(
                 f"CPU ladder, T={seq_len} ({threads})", keys,
                 {k: v for k, v in base.items() if k != "data"}, results, failures,
-                warmup=args.warmup)
+                warmup=args.warmup, peak=cpu_peak, peak_dtype=cpu_dtype)
             md.append(cpu_md)
             sections.append((cpu_json, cpu_ok))
         ok = all(section_ok for _, section_ok in sections)
@@ -195,13 +207,15 @@ def main(argv=None):
                   "cpu_by_seq_len": {str(j["base"]["seq_len"]): j for j, _ in sections}}
         if use_gpu:
             gpu_keys = [r.key for r in ladder.GPU_RUNGS]
+            gpu_peak, gpu_dtype = measured_peak("cuda", None)
             gbase = ladder.default_base(**GPU_MODEL, data=data, warmup_steps=5)
             gres, gfail = run_ladder(gpu_keys, gbase, warmup=GPU_WARMUP, threads=None,
                                      workdir=tmp, timeout_s=args.timeout)
             gpu_md, gpu_json, gok = section(
                 f"GPU ladder ({torch.cuda.get_device_name(0)})", gpu_keys,
                 {k: v for k, v in gbase.items() if k != "data"}, gres, gfail,
-                warmup=GPU_WARMUP, gpu_name=torch.cuda.get_device_name(0))
+                warmup=GPU_WARMUP, peak=gpu_peak, peak_dtype=gpu_dtype,
+                gpu_name=torch.cuda.get_device_name(0))
             md.append(gpu_md)
             report["gpu"] = gpu_json
             ok = ok and gok
