@@ -6,8 +6,13 @@ grows with T^2. FlashAttention-2 (minitrain.attention.flash_attention) walks ove
 online softmax and keeps only O and the log-sum-exp, so its extra memory grows with T. The
 built-in torch.nn.functional.scaled_dot_product_attention (SDPA) uses a fused flash-style kernel.
 
-Serves: hour 2 ("the speed ladder"), slide "attention: the matrix vs the tiles"; the animation
-animations/flash_tiling.py shows the tile sweep this lesson measures.
+Serves: Module 8 deck slide 8 (annotation 7: FlashAttention), slide 9 (annotation 6: it reduces
+memory traffic in attention) and slide 18 / M8-LAB-03 (the FlashAttention toggle); syllabus 16-03
+(activation memory analysis: the saved (T, T) matrices); GPT-2 notes section "6. Flash Attention
+(PyTorch 2.0+)" ("The Standard Attention Problem", "The Key Insight: Tiling + Recomputation",
+"Memory Savings"); workshop guide Section 8 "GPU, CUDA & Parallel Training" ("CUDA Kernels in
+Transformers"). The animation animations/flash_tiling.py shows the tile sweep this lesson
+measures.
 
 Prerequisites: softmax, matrix multiplication, what autograd saves for backward.
 
@@ -62,7 +67,7 @@ def attention_fn(method):
     if method == "naive":
         return lambda q, k, v: naive_attention(q, k, v, causal=True)
     if method == "flash":
-        return lambda q, k, v: flash_attention(q, k, v, causal=True, block_size=64)
+        return lambda q, k, v: flash_attention(q, k, v, causal=True, block_size=128)  # the bench's best block on this CPU
     return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 

@@ -26,6 +26,13 @@ an empty chunk is simply not sent, and every rank knows that, so the ring never 
 exactly N times the elements of the small one (ValueError otherwise); slice r is the r-th run of
 numel(small) elements of the flattened big tensor.
 
+Overlap (pipelining): each chunk travels as segments of about `segment_bytes` (default 1 MiB;
+both neighbours compute the same cut, from sizes every rank knows). Every receive is posted
+before it is needed, and a segment is passed on to the right neighbour the moment it has been
+added, while the later segments of the same step are still on the wire: the link, the adds and
+the next step's sends all run at once, which is what keeps the ring near the built-in's bus
+bandwidth. One segment per chunk would serialize them: send, wait, add, send, wait, add.
+
 Integers are summed exactly; floats are summed in ring order, so they can differ from gloo's
 result in the last bits (a different order of additions), never by more.
 
@@ -50,15 +57,20 @@ def chunk_sizes(numel, world_size):
     return [base + (1 if i < extra else 0) for i in range(world_size)]
 
 
-def _exchange(send_buf, recv_buf, right, left, group):
-    """Send to the right neighbour while receiving from the left; wait for both."""
-    works = []
-    if send_buf.numel() > 0:
-        works.append(dist.isend(send_buf, right, group=group))
-    if recv_buf.numel() > 0:
-        works.append(dist.irecv(recv_buf, left, group=group))
-    for w in works:
-        w.wait()
+SEGMENT_BYTES = 1 << 20  # pipelining grain: big enough to amortize a message, small to overlap
+STAGING = 4  # receive buffers in flight in the reduce-scatter
+
+
+def segments(numel, element_size, segment_bytes=None):
+    """[(start, stop)] cutting a chunk of `numel` elements into pieces of ~segment_bytes
+    (None: the module's SEGMENT_BYTES, read at call time)."""
+    if segment_bytes is None:
+        segment_bytes = SEGMENT_BYTES
+    if isinstance(segment_bytes, bool) or not isinstance(segment_bytes, int) or segment_bytes < 1:
+        raise ValueError("segment_bytes must be a positive int (bytes per message), "
+                         f"got {segment_bytes!r}")
+    step = max(1, segment_bytes // element_size)
+    return [(i, min(i + step, numel)) for i in range(0, numel, step)]
 
 
 def _record(trace, phase, step, send_idx, recv_idx, chunks):
@@ -67,26 +79,76 @@ def _record(trace, phase, step, send_idx, recv_idx, chunks):
                       "chunks": [c.clone() for c in chunks]})
 
 
-def _reduce_scatter_chunks(chunks, group, trace=None):
-    """In place on `chunks` (views of one flat buffer): afterwards chunks[rank] holds the sum."""
-    rank, world, right, left = _ring(group)
-    for step in range(world - 1):
-        send_idx = (rank - step - 1) % world  # the partial sum I finished last step
-        recv_idx = (rank - step - 2) % world  # the chunk my left neighbour finished
-        incoming = torch.empty_like(chunks[recv_idx])
-        _exchange(chunks[send_idx], incoming, right, left, group)
-        chunks[recv_idx].add_(incoming)  # after the last step recv_idx == rank: complete
-        _record(trace, "reduce-scatter", step, send_idx, recv_idx, chunks)
+def _send_all(chunk, right, group, tag, segment_bytes, sends):
+    """Post an isend per segment of `chunk` (all of it is ready now)."""
+    for start, stop in segments(chunk.numel(), chunk.element_size(), segment_bytes):
+        sends.append(dist.isend(chunk[start:stop], right, group=group, tag=tag))
 
 
-def _all_gather_chunks(chunks, group, trace=None):
-    """In place on `chunks`: chunks[rank] is complete; afterwards every chunk is."""
+def _post_recvs(buffer, left, group, tag, segment_bytes):
+    """Post an irecv per segment of `buffer`; returns [(work, start, stop)]."""
+    return [(dist.irecv(buffer[start:stop], left, group=group, tag=tag), start, stop)
+            for start, stop in segments(buffer.numel(), buffer.element_size(), segment_bytes)]
+
+
+def _reduce_scatter_chunks(chunks, group, trace=None, segment_bytes=None):
+    """In place on `chunks` (views of one flat buffer): afterwards chunks[rank] holds the sum.
+
+    Step s: send chunk (rank - s - 1), receive chunk (rank - s - 2) from the left and add it.
+    The chunk received at step s is the one sent at step s + 1, so each added segment is
+    forwarded at once. Incoming segments land in a small ring of STAGING staging buffers: the
+    next receives are always posted while the current segment is being added, and the extra
+    memory stays STAGING * segment_bytes whatever the tensor's size."""
     rank, world, right, left = _ring(group)
-    for step in range(world - 1):
-        send_idx = (rank - step) % world  # start with my own chunk, then forward what arrived
-        recv_idx = (rank - step - 1) % world
-        _exchange(chunks[send_idx], chunks[recv_idx], right, left, group)
-        _record(trace, "all-gather", step, send_idx, recv_idx, chunks)
+    recv_idx = [(rank - s - 2) % world for s in range(world - 1)]
+    schedule = [(s, start, stop) for s in range(world - 1)  # every receive, in ring order
+                for start, stop in segments(chunks[recv_idx[s]].numel(),
+                                            chunks[0].element_size(), segment_bytes)]
+    seg_numel = max((stop - start for _, start, stop in schedule), default=0)
+    staging = [torch.empty(seg_numel, dtype=chunks[0].dtype, device=chunks[0].device)
+               for _ in range(min(STAGING, len(schedule)))]  # (segment,) x STAGING
+
+    def post(j):  # receive schedule[j] into staging slot j % STAGING
+        s, start, stop = schedule[j]
+        buf = staging[j % len(staging)][:stop - start]
+        return dist.irecv(buf, left, group=group, tag=s)
+
+    pending = [post(j) for j in range(len(staging))]  # receives first: the left can send at once
+    sends = []
+    _send_all(chunks[(rank - 1) % world], right, group, 0, segment_bytes, sends)
+    for j, (s, start, stop) in enumerate(schedule):
+        pending[j % len(staging)].wait()
+        target = chunks[recv_idx[s]][start:stop]
+        target.add_(staging[j % len(staging)][:stop - start])  # the last step completes a sum
+        if j + len(staging) < len(schedule):  # the slot is free again: post a later receive
+            pending[j % len(staging)] = post(j + len(staging))
+        if s < world - 2:  # this partial sum is what the right neighbour needs next: pass it on
+            sends.append(dist.isend(target, right, group=group, tag=s + 1))
+        if trace is not None and (j + 1 == len(schedule) or schedule[j + 1][0] != s):
+            _record(trace, "reduce-scatter", s, (rank - s - 1) % world, recv_idx[s], chunks)
+    for work in sends:
+        work.wait()
+
+
+def _all_gather_chunks(chunks, group, trace=None, segment_bytes=None):
+    """In place on `chunks`: chunks[rank] is complete; afterwards every chunk is.
+
+    Step s receives chunk (rank - s - 1) straight into place - distinct memory for every step -
+    so all receives are posted at once, and each arriving segment is forwarded immediately."""
+    rank, world, right, left = _ring(group)
+    recv_idx = [(rank - s - 1) % world for s in range(world - 1)]
+    recvs = [_post_recvs(chunks[i], left, group, s, segment_bytes) for s, i in enumerate(recv_idx)]
+    sends = []
+    _send_all(chunks[rank], right, group, 0, segment_bytes, sends)
+    for s in range(world - 1):
+        target = chunks[recv_idx[s]]
+        for work, start, stop in recvs[s]:
+            work.wait()
+            if s < world - 2:  # the right neighbour needs this chunk at step s + 1
+                sends.append(dist.isend(target[start:stop], right, group=group, tag=s + 1))
+        _record(trace, "all-gather", s, (rank - s) % world, recv_idx[s], chunks)
+    for work in sends:
+        work.wait()
 
 
 def _check_pair(output, input, world, name):
@@ -95,11 +157,12 @@ def _check_pair(output, input, world, name):
                          "allocate output with input's dtype")
 
 
-def ring_all_reduce(tensor, group=None, *, trace=None):
+def ring_all_reduce(tensor, group=None, *, trace=None, segment_bytes=None):
     """In-place sum of `tensor` over all ranks of `group` (reduce-scatter + all-gather ring).
 
     `trace`: an optional list; every ring step appends a dict (phase, step, send, recv, chunks)
-    with copies of this rank's chunks after the step (the animation draws these)."""
+    with copies of this rank's chunks after the step (the animation draws these).
+    `segment_bytes`: the pipelining grain (None: SEGMENT_BYTES); every rank must pass the same."""
     if not isinstance(tensor, torch.Tensor):
         raise ValueError(f"tensor must be a torch.Tensor, got {type(tensor).__name__}")
     world = dist.get_world_size(group)
@@ -108,13 +171,13 @@ def ring_all_reduce(tensor, group=None, *, trace=None):
     flat = tensor.reshape(-1) if tensor.is_contiguous() else tensor.contiguous().view(-1)  # (n,)
     chunks = list(torch.split(flat, chunk_sizes(flat.numel(), world)))  # N views of flat
     _record(trace, "start", -1, None, None, chunks)
-    _reduce_scatter_chunks(chunks, group, trace)
-    _all_gather_chunks(chunks, group, trace)
+    _reduce_scatter_chunks(chunks, group, trace, segment_bytes)
+    _all_gather_chunks(chunks, group, trace, segment_bytes)
     if not tensor.is_contiguous():
         tensor.copy_(flat.view(tensor.shape))  # non-contiguous input: write the result back
 
 
-def ring_reduce_scatter(output, input, group=None):
+def ring_reduce_scatter(output, input, group=None, *, segment_bytes=None):
     """output (k elements) = sum over ranks of slice `rank` of input (N*k elements)."""
     world = dist.get_world_size(group)
     _check_pair(output, input, world, "ring_reduce_scatter")
@@ -125,11 +188,11 @@ def ring_reduce_scatter(output, input, group=None):
     work = input.detach().reshape(-1).clone()  # (N*k,) never modify the caller's input
     chunks = list(torch.split(work, [output.numel()] * world))
     if world > 1 and output.numel() > 0:
-        _reduce_scatter_chunks(chunks, group)
+        _reduce_scatter_chunks(chunks, group, segment_bytes=segment_bytes)
     output.copy_(chunks[dist.get_rank(group)].view(output.shape))
 
 
-def ring_all_gather(output, input, group=None):
+def ring_all_gather(output, input, group=None, *, segment_bytes=None):
     """output (N*k elements) = concatenation over ranks, in rank order, of input (k elements)."""
     world = dist.get_world_size(group)
     _check_pair(output, input, world, "ring_all_gather")
@@ -141,5 +204,5 @@ def ring_all_gather(output, input, group=None):
     chunks = list(torch.split(work, [input.numel()] * world))
     chunks[dist.get_rank(group)].copy_(input.reshape(-1))
     if world > 1 and input.numel() > 0:
-        _all_gather_chunks(chunks, group)
+        _all_gather_chunks(chunks, group, segment_bytes=segment_bytes)
     output.copy_(work.view(output.shape))
