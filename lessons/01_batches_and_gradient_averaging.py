@@ -11,7 +11,11 @@ Objective:
      Measured with `torch.autograd.graph.saved_tensors_hooks` (every saved tensor's storage,
      counted once, parameters excluded), not quoted.
 
-Slide/lab: "Hour 1 — the training step" (batch = average; memory grows with batch size).
+Serves: Module 8 deck slide 9 (annotations 9-10: a larger batch raises utilization if memory
+permits; OOM after a batch increase); syllabus 16-03 (activation memory analysis) and 16-04 (the
+averaging that accumulation, 16-04, and DDP, 16-08, rely on); GPT-2 notes section "Batch
+Fundamentals" ("What is a Batch?", "Gradient Averaging (The Key Insight)", "Memory Usage Per
+Batch Size").
 Prerequisites: minitrain.data (get_batch), minitrain.model (GPT), what a gradient is.
 
 Run: python lessons/01_batches_and_gradient_averaging.py   (~10 s on 2 cores; outputs/lesson01/)

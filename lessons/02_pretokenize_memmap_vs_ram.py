@@ -12,7 +12,11 @@ Objective: see where the time goes before the model even runs.
   3. `get_batch_loop` (a Python loop, slices -> lists -> torch.tensor) vs `get_batch` (one
      vectorized gather) at B=64, T=512, asserting that both return the same tensors.
 
-Slide/lab: "Hour 2 — the speed ladder", rungs 1 (RAM preload) and 2 (vectorized batching).
+Serves: Module 8 deck slide 8 (the speed ladder; this is its rungs 1 RAM preload and 2
+vectorized batching) and slide 18 / M8-LAB-03 (isolate one toggle's impact on tokens/sec);
+syllabus 16-05 (memory-mapped datasets with numpy memmap; avoiding data-starved training);
+GPT-2 notes sections "1. Pre-Tokenization (Before Training)", "2. RAM Preload vs Memory-Mapping
+(mmap)" and "5. Vectorized Batch Creation".
 Prerequisites: minitrain.data (ByteTokenizer, pretokenize, load_tokens, get_batch).
 
 Run: python lessons/02_pretokenize_memmap_vs_ram.py   (~20 s on 2 cores; outputs/lesson02/)

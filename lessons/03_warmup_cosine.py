@@ -17,7 +17,13 @@ the buggy schedule can even score LOWER than the correct one. That is how this b
 the run looks fine, and a comparison then credits (or blames) the wrong thing. Always plot the
 lr the optimizer actually used (the trainer logs it in metrics.jsonl) and check its last value.
 
-Slide/lab: "Hour 1 — warmup + cosine" (the lr curve, the miscomputed-total-steps bug).
+Serves: Module 8 deck slide 4 (warmup and cosine decay; annotation 8 "miscomputed total
+iteration count" is the bug measured here), slide 7 (the hour-1 animation,
+animations/scheduler_stability.py), slide 13 / M8-LAB-01, slide 14 / M8-LAB-APP-A (LR schedule
+correctness check), slide 15 / M8-CODE-01 (the warmup and cosine branches); syllabus 16-06
+(warmup schedules: linear, cosine); notebook section "1. Learning Rate Scheduling"; GPT-2 notes
+"Learning Rate Scheduler (Cosine Decay)" and "Learning Rate Warmup"; workshop guide Section 10
+"Critical Hyperparameters" ("Cosine Schedule with Warmup").
 Prerequisites: lesson 01 (the training step), `minitrain.schedule`, AdamW.
 
 Run: python lessons/03_warmup_cosine.py   (~25 s on 2 cores; figure in outputs/lesson03/)

@@ -17,8 +17,11 @@ does change is that every step is capped alike (a big, informative gradient coun
 small one). With plain SGD the same threshold would shrink every step ~10x: the real cost. The norm we log is the one
 `minitrain.clip.clip_grad_norm` returns: BEFORE clipping (logging the clipped one hides spikes).
 
-Slide/lab: "Hour 1 — gradient clipping". Prerequisites: lesson 03 (the schedule),
-`minitrain.clip`.
+Serves: Module 8 deck slide 5 (gradient clipping; annotation 9: monitor gradient-norm
+distributions), slide 13 / M8-LAB-01, slide 14 / M8-LAB-APP-A (clipping activation check), slide
+15 / M8-CODE-01 (the clipping condition); syllabus 16-06 (gradient norm monitoring, max-norm
+clipping); notebook section "2. Gradient Clipping".
+Prerequisites: lesson 03 (the schedule), `minitrain.clip`.
 
 Run: python lessons/04_gradient_clipping.py   (~25 s on 2 cores; figure in outputs/lesson04/)
 """

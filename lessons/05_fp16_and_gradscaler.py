@@ -20,7 +20,11 @@ Small models with large gradients suffer little — the dead zone bites in big, 
 in training, where gradients shrink. The scaler's cost is visible too: every overflow skips a
 step (the start at 2^24 calibrates down over the first steps), so fp16 lags fp32 slightly.
 
-Slide/lab: "Hour 1 — mixed precision: fp16 and the GradScaler".
+Serves: Module 8 deck slide 8 (annotation 6: mixed precision) and slide 9 (annotation 4: BF16);
+syllabus 16-01 (FP32/FP16/BF16 dynamic range, GradScaler loss scaling, why BF16 needs no
+scaler); notebook section "3. Mixed Precision Training" ("The Challenge: Gradient Underflow");
+GPT-2 notes section "4. AMP (Automatic Mixed Precision)" ("The Underflow Problem", "How
+GradScaler Solves This", "GradScaler: Dynamic Scale Adjustment").
 Prerequisites: lesson 03, floating-point basics (sign, exponent, mantissa), `minitrain.grad_scaler`.
 
 Run: python lessons/05_fp16_and_gradscaler.py   (~30 s on 2 cores; figure in outputs/lesson05/)

@@ -8,8 +8,12 @@ Objective: see, measured on the tiny GPT, that
   3. the classic recipe `loss / accum_steps` is wrong when micro-batches have different numbers
      of counted targets (a short last batch, padding, -100 targets): measured gradient error.
 
-Slide/lab: "Hour 1 — gradient accumulation" (memory vs effective batch; the unequal-micro-batch
-bug). Prerequisites: lesson 01 (batches, mean loss), `minitrain.accumulate`.
+Serves: Module 8 deck slide 9 (annotations 9-10: a larger batch if memory permits, OOM after
+it); syllabus 16-04 (large effective batch without more memory); notebook section "4. Memory
+Optimization" ("Gradient Accumulation: The Simple Solution"); GPT-2 notes "Gradient
+Accumulation" and "Memory vs Effective Batch Size"; workshop guide Section 8 "GPU, CUDA &
+Parallel Training" ("Gradient Accumulation").
+Prerequisites: lesson 01 (batches, mean loss), `minitrain.accumulate`.
 
 Run: python lessons/06_gradient_accumulation.py   (~15 s on 2 cores; figure in outputs/lesson06/)
 """

@@ -10,8 +10,11 @@ with the protocol every later speed claim in the course follows:
   - median and spread (p10 / p90) of the per-step time, never a single run's mean;
   - a run-metadata table (CPU/GPU, torch version, dtype, threads) printed with the numbers.
 
-Slide/lab: "Hour 1 — the discipline of fair comparison". Prerequisites: lessons 03–06,
-`minitrain.bench.measure`, `benchmarks.harness.machine_metadata`.
+Serves: Module 8 deck slide 6 (fair comparison protocol), slide 12 (metric stack: warmup vs
+steady-state windows), slide 17 / M8-LAB-02 (benchmark protocol and output table), slide 26 /
+M8-LAB-08 (seed policy, warmup exclusion windows, hardware notes); syllabus 16-07 (end-to-end
+wall-clock benchmarking methodology) and 16-01 (speed benchmarks of fp32 vs bf16).
+Prerequisites: lessons 03–06, `minitrain.bench.measure`, `benchmarks.harness.machine_metadata`.
 
 Run: python lessons/07_fair_comparison.py   (~25 s on 2 cores; figure in outputs/lesson07/)
 """

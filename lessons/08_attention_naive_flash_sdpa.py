@@ -67,7 +67,7 @@ def attention_fn(method):
     if method == "naive":
         return lambda q, k, v: naive_attention(q, k, v, causal=True)
     if method == "flash":
-        return lambda q, k, v: flash_attention(q, k, v, causal=True, block_size=128)  # the bench's best block on this CPU
+        return lambda q, k, v: flash_attention(q, k, v, causal=True, block_size=128)  # bench's best
     return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 

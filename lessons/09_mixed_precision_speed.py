@@ -3,7 +3,10 @@
 Objective: measure fp32 vs bf16 vs fp16 twice - a bare matrix multiply (what the hardware can do)
 and a whole training step of the tiny GPT under autocast (what a training run gets) - and check
 that the low-precision runs still learn the same thing (loss after the same steps).
-Serves: hour 2, slide "mixed precision is a hardware feature"; lab "read the CPU flags first".
+Serves: Module 8 deck slide 8 (annotation 5: some gains are hardware-dependent), slide 9
+(annotation 4: BF16 often boosts speed) and slide 18 / M8-LAB-03 (the bf16 toggle); syllabus
+16-01 (speed and memory benchmarks, FP16/BF16); notebook section "3. Mixed Precision Training";
+GPT-2 notes section "4. AMP (Automatic Mixed Precision)" ("What autocast() Does Automatically").
 Prerequisites: lesson 05 (fp16 and the GradScaler), lesson 07 (fair timing: warm-up, median).
 
 What to see:

@@ -4,8 +4,12 @@ Objective: measure what `torch.compile` costs (the first call traces the Python 
 and compiles C++ kernels) and what it buys (later calls run one fused kernel instead of a chain
 of small ops), and show the classic timing mistake: averaging over the first calls, which counts
 the compilation and turns a real speedup into an apparent slowdown.
-Serves: hour 2, slide "compile: a one-off cost and a steady-state gain"; lab "time it after
-warm-up". Prerequisites: lesson 07 (fair timing: warm-up, median), lesson 09.
+Serves: Module 8 deck slide 8 (annotations 8 and 10: steady-state speed; "measuring before
+compile warmup settles"), slide 18 / M8-LAB-03 (the compile toggle), slide 25 / M8-LAB-07
+("compile startup confusion"); syllabus 16-02 (Dynamo + Inductor, speedup measurement
+methodology); GPT-2 notes section "3. torch.compile (PyTorch 2.0+)" ("Concrete Example: Layer
+Normalization", "The Compilation Process").
+Prerequisites: lesson 07 (fair timing: warm-up, median), lesson 09.
 
 The function compiled is the from-scratch part of a transformer block that the speed ladder's
 rung 3 replaces by native kernels: LayerNorm written out, then tanh-GELU written out

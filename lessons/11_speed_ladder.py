@@ -3,7 +3,12 @@
 Objective: climb the first rungs of minitrain.ladder on a small GPT and read the table: which
 change paid on this machine, which did not, and why; check that every rung still computes the
 same thing (same step-0 loss) before believing its speed.
-Serves: hour 2, slide "the speed ladder"; lab "predict each rung's gain, then measure it".
+Serves: Module 8 deck slides 8-9 (the speed ladder, single-device changes), slide 16 (additive,
+logged changes; validate the loss after each), slide 17 / M8-LAB-02, slide 18 / M8-LAB-03, slide
+19 (the hour-2 animation, animations/speed_ladder.py), M8-CODE-02 (baseline -> optimized deltas
+with preserved training semantics); syllabus 16-10 (each optimization added incrementally,
+speedup per stage); GPT-2 notes "Summary: The 7x Journey" and "Quick Reference: Enabling
+Optimizations".
 Prerequisites: lessons 02 (loaders, batching), 07 (fair timing), 08 (attention), 09 (precision),
 10 (compile).
 

@@ -9,8 +9,12 @@ messages only, and measure what each rank sends.
 We count the bytes every rank actually hands to `isend`/`send` (by wrapping them), check both
 results against `dist.all_reduce`, and time all three on CPU processes (gloo).
 
-Serves: slide "All-reduce from send/recv" and lab 12. Prerequisites: lesson 01 (gradient
-averaging), `torch.distributed` basics (rank, world size, process group).
+Serves: Module 8 deck slide 10 (annotations 2-3: gradients synchronized across workers;
+throughput depends on the communication balance); syllabus 16-08 (the all-reduce that
+synchronizes gradients after backward); workshop guide Section 8 "GPU, CUDA & Parallel Training"
+("Data Parallelism Strategies": gradient synchronization with all_reduce).
+Prerequisites: lesson 01 (gradient averaging), `torch.distributed` basics (rank, world size,
+process group).
 Run: python lessons/12_all_reduce_from_send_recv.py   (spawns its own CPU processes, < 60 s)
 """
 import json

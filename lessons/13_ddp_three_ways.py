@@ -10,8 +10,12 @@ ways of averaging compute the SAME parameters and differ only in how the message
 We train the tiny GPT on 2 CPU processes with each, compare the parameters with torch's DDP after
 3 AdamW steps, count the all-reduce calls of one step and time steps round-robin.
 
-Serves: slide "DDP three ways" and lab 13. Prerequisites: lesson 12 (all-reduce), lesson 06
-(gradient accumulation: `no_sync`).
+Serves: Module 8 deck slide 10 (DDP benefits and costs: replicas, gradient sync,
+communication cost) and M8-LAB-04 (the multi-process DDP run; its torchrun launch discipline is
+lesson 22); syllabus 16-08 (gradient all-reduce after backward; accumulation vs sync frequency:
+`no_sync`); workshop guide Section 8 "GPU, CUDA & Parallel Training" ("Distributed Data Parallel
+(DDP)").
+Prerequisites: lesson 12 (all-reduce), lesson 06 (gradient accumulation: `no_sync`).
 Run: python lessons/13_ddp_three_ways.py   (spawns 2 CPU processes, < 60 s)
 Honest caveat: on 2 shared CPU cores compute and communication compete for the same cores, so
 overlap helps far less than on GPUs with a separate network engine; the message count is the

@@ -10,7 +10,11 @@ and check them against the prediction (fp32, AdamW = 2 state values per paramete
 All four stages train the tiny GPT to the same loss: sharding changes where bytes live, not the
 arithmetic.
 
-Serves: slide "ZeRO stages" and lab 14. Prerequisites: lessons 12-13 (all-reduce, DDP).
+Serves: syllabus 16-09 (parameter, gradient and optimizer-state sharding; ZeRO Stage 1/2/3
+comparison); workshop guide Section 8 ("Memory Optimization Techniques": FSDP) and Section 13
+"Training Infrastructure" ("Distributed Training Strategies"). The Module 8 deck has no ZeRO
+slide; this continues its M8-LAB-04 DDP run.
+Prerequisites: lessons 12-13 (all-reduce, DDP).
 Run: python lessons/14_zero_sharding.py   (spawns 2 and 3 CPU processes, < 60 s)
 What the numbers leave out (say it on the slide): activations, DDP's bucket buffers, and stage
 3's one gathered block at a time; stage 2 here reduces after backward, so the full gradient still

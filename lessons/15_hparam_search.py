@@ -13,8 +13,10 @@ from a measured run), then run a right-sized staged search on the tiny GPT inste
            waypoint, not a verdict, when the seed-to-seed spread is as large as the gap.
 Every trial is logged to a JSONL file; rerunning a stage with its log trains nothing.
 
-Serves: Module 8 deck slides 11 and 21-23 (grid mechanics, right-sizing, coarse to fine);
-M8-LAB-05, M8-LAB-06, M8-CODE-01 (hparam_search.py).
+Serves: Module 8 deck slides 11 (grid search mechanics), 21 / M8-LAB-05 (right-sized, staged
+search), 22 / M8-LAB-06 (reading best-so-far results without over-interpreting noise), 23 (coarse
+to fine) and 24 (a quality plateau on a stable run: the tuning lever); syllabus: none (Module 16
+has no hyperparameter-search topic); workshop guide Section 10 "Critical Hyperparameters".
 Prerequisites: lesson 03 (warmup + cosine: what max_lr, warmup_steps and min_lr mean), lesson 07
 (fair timing), `minitrain.train` (the trainer this search calls), `minitrain.hparam`.
 

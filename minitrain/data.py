@@ -35,6 +35,12 @@ their relative POSIX paths, concatenated as they are. No download; deterministic
 build — but the Python version decides the exact bytes (3.11.7 gives ~31 MB), so numbers differ
 slightly between Python versions. Files that are not valid UTF-8 are skipped.
 
+The trainer's batch sources (`--loader`): `SeededBatches` (ram / memmap: the random windows
+above, each rank its rows of one global batch) and `WindowLoader` (dataloader: torch's
+DataLoader over fixed windows `TokenWindows`, sharded by `minitrain.sampler.DistributedSampler`,
+with (epoch, batches read) as its checkpointed state). Both have `next(device)`,
+`state_dict()`, `load_state_dict(state)`.
+
 Common bugs: targets not shifted (the model learns the identity); `randint(0, len(data))` so the
 last window runs off the end; decoding a cut in the middle of a multi-byte character (we decode
 with `errors="replace"`, so such a cut shows as U+FFFD instead of raising); writing the cache
@@ -323,3 +329,110 @@ def fingerprint(tokens, *, samples=4096):
     index = np.linspace(0, max(n - 1, 0), num=min(samples, n), dtype=np.int64)  # (S,)
     sample = np.asarray(tokens[index], dtype=np.uint16)
     return {"tokens": int(n), "sample_sha256": hashlib.sha256(sample.tobytes()).hexdigest()}
+
+
+# --- batch sources of the trainer: chosen once (`--loader`), the same three methods ------------
+
+class SeededBatches:
+    """The in-process batcher (`--loader ram|memmap`): every rank draws the same global batch
+    (B*W, T) of random windows from one seeded numpy Generator and keeps its rows (rank_rows).
+    Its state is the Generator's, which the checkpoint saves with the other RNGs."""
+
+    def __init__(self, data, batch_size, seq_len, *, rng, rank=0, world=1, loop=False):
+        self.data, self.batch_size, self.seq_len = data, batch_size, seq_len
+        self.rng, self.rank, self.world = rng, rank, world
+        self.batch_fn = get_batch_loop if loop else get_batch
+
+    def next(self, device="cpu"):
+        x, y = self.batch_fn(self.data, self.batch_size * self.world, self.seq_len,
+                             rng=self.rng)  # (B*W, T) each
+        return (rank_rows(x, self.rank, self.batch_size).to(device),
+                rank_rows(y, self.rank, self.batch_size).to(device))  # (B, T) each
+
+    def state_dict(self):
+        return None  # the Generator is saved with the RNGs
+
+    def load_state_dict(self, state):
+        pass
+
+
+class TokenWindows(torch.utils.data.Dataset):
+    """Fixed, non-overlapping windows of a token array: item i is (x, y) with
+    x = tokens[i*T : i*T + T], y = tokens[i*T + 1 : i*T + T + 1] (int64, (T,) each)."""
+
+    def __init__(self, tokens, seq_len):
+        if len(tokens) <= seq_len:
+            raise ValueError(f"need more than seq_len={seq_len} tokens, got {len(tokens)}")
+        self.tokens, self.seq_len = tokens, seq_len
+        self.n = (len(tokens) - 1) // seq_len
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        s = i * self.seq_len
+        w = torch.from_numpy(np.asarray(self.tokens[s:s + self.seq_len + 1], dtype=np.int64))
+        return w[:-1], w[1:]  # (T,), (T,)
+
+
+class _EpochIndices(torch.utils.data.Sampler):
+    """One epoch of a DistributedSampler's indices for this rank, from index `skip` on (resume
+    mid-epoch). The loader re-iterates it each epoch; epoch and skip are set before each."""
+
+    def __init__(self, sampler):
+        self.sampler, self.skip = sampler, 0
+
+    def __iter__(self):
+        return iter(list(self.sampler)[self.skip:])
+
+    def __len__(self):
+        return len(self.sampler) - self.skip
+
+
+class WindowLoader:
+    """`--loader dataloader`: torch's DataLoader over TokenWindows, each rank reading its shard
+    chosen by `minitrain.sampler.DistributedSampler` (epoch-seeded shuffle, drop_last: every
+    rank gets the same number of windows, no window twice in an epoch). The state is (epoch,
+    batches consumed in it): the checkpoint saves it, so a resumed run reads exactly the
+    batches the uninterrupted run would have read, whatever the workers had prefetched.
+
+    num_workers, prefetch_factor, persistent_workers, pin_memory are DataLoader's own knobs;
+    they change how fast batches arrive, never which."""
+
+    def __init__(self, tokens, batch_size, seq_len, *, rank=0, world=1, seed=0, num_workers=0,
+                 prefetch_factor=None, persistent_workers=False, pin_memory=False):
+        from minitrain.sampler import DistributedSampler
+        self.dataset = TokenWindows(tokens, seq_len)
+        self.sampler = DistributedSampler(len(self.dataset), num_replicas=world, rank=rank,
+                                          shuffle=True, seed=seed, drop_last=True)
+        self.per_epoch = len(self.sampler) // batch_size
+        if self.per_epoch < 1:
+            raise ValueError(f"each of the {world} rank(s) gets {len(self.sampler)} windows of "
+                             f"{seq_len} tokens, fewer than batch_size={batch_size}: use more "
+                             "data, a smaller batch or a shorter seq_len")
+        self.indices = _EpochIndices(self.sampler)
+        self.loader = torch.utils.data.DataLoader(
+            self.dataset, batch_size=batch_size, sampler=self.indices, drop_last=True,
+            num_workers=num_workers, prefetch_factor=prefetch_factor,
+            persistent_workers=persistent_workers, pin_memory=pin_memory)
+        self.epoch, self.batches, self._it = 0, 0, None
+
+    def next(self, device="cpu"):
+        if self.batches == self.per_epoch:  # next epoch: every rank reshuffles with it
+            self.epoch, self.batches, self._it = self.epoch + 1, 0, None
+        if self._it is None:
+            self.sampler.set_epoch(self.epoch)
+            self.indices.skip = self.batches * self.loader.batch_size
+            self._it = iter(self.loader)
+        x, y = next(self._it)  # (B, T) each
+        self.batches += 1
+        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "batches": self.batches, "per_epoch": self.per_epoch}
+
+    def load_state_dict(self, state):
+        if state is None or state.get("per_epoch") != self.per_epoch:
+            raise ValueError(f"the checkpoint's loader state {state!r} does not fit this run "
+                             f"({self.per_epoch} batches per epoch)")
+        self.epoch, self.batches, self._it = int(state["epoch"]), int(state["batches"]), None

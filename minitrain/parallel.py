@@ -4,7 +4,7 @@ What. The trainer's loop is the same whatever the parallelism; what differs is a
 decisions, and each mode is one small class that makes them:
 
     mode = choose_parallel_mode(cfg, rank, world)     # once, at start-up
-    model = mode.prepare_model(model)                 # ZeRO-3: keep 1/N of each block's weights
+    model = mode.prepare_model(model)                 # FSDP: keep 1/N of each unit's weights
     optimizer = mode.build_optimizer(groups, **adamw) # ZeRO-1/2: shard the optimizer state
     train_model = mode.wrap_model(model)              # DDP: average gradients in backward
     with mode.no_sync(): backward ...                 # every micro-batch but the last
@@ -19,14 +19,14 @@ decisions, and each mode is one small class that makes them:
 | DataParallel  | >1    | `minitrain.ddp.DDP`        | averaged on every rank             |
 | ZeroStage1    | >1    | DDP + ZeroOptimizer(1)     | averaged on every rank             |
 | ZeroStage2    | >1    | as is + ZeroOptimizer(2)   | averaged, only at each owner       |
-| ZeroStage3    | >1    | `minitrain.zero.shard_model` | this rank's shard, averaged      |
+| FSDPMode      | >1    | `minitrain.fsdp.FSDP`      | this rank's shard, averaged        |
 
 A new mode (FSDP, tensor or pipeline parallel) is a new class here plus one line in
 `choose_parallel_mode`; the loop does not change.
 
 Why one clip path. Clipping needs the norm of the WHOLE averaged gradient. When every rank holds
 the whole gradient (single, DDP, ZeRO-1) that is `minitrain.clip.clip_grad_norm`. When each rank
-holds a disjoint part (ZeRO-2 owners, ZeRO-3 shards) the squares add up across ranks:
+holds a disjoint part (ZeRO-2 owners, FSDP shards) the squares add up across ranks:
 
     ||g||_p = (sum over ranks r of sum_i ||g_{r,i}||_p^p) ** (1/p)    (p = inf: max over ranks)
     every rank scales its part by the same c = min(1, max_norm / (||g|| + 1e-6))
@@ -47,7 +47,7 @@ import torch.distributed as dist
 
 from minitrain.clip import clip_grad_norm, grad_norm
 
-__all__ = ["SingleProcess", "DataParallel", "ZeroStage1", "ZeroStage2", "ZeroStage3",
+__all__ = ["SingleProcess", "DataParallel", "ZeroStage1", "ZeroStage2",
            "choose_parallel_mode", "clip_grad_norm_sharded"]
 
 
@@ -96,8 +96,9 @@ class SingleProcess:
         """Before the optimizer is built (ZeRO-3 shards the parameters here)."""
         return model
 
-    def build_optimizer(self, groups, **adamw_kwargs):
-        return torch.optim.AdamW(groups, **adamw_kwargs)
+    def build_optimizer(self, groups, optimizer_cls=torch.optim.AdamW, **kwargs):
+        """The optimizer over `groups` (default AdamW; minitrain.large_batch.LAMB/LARS too)."""
+        return optimizer_cls(groups, **kwargs)
 
     def wrap_model(self, model):
         """After torch.compile: what the loop calls for the forward (DDP wraps here)."""
@@ -120,6 +121,15 @@ class SingleProcess:
 
     def max(self, value):
         return self._reduce(value, dist.ReduceOp.MAX if self.world > 1 else None)
+
+    def gather(self, value):
+        """[value of rank 0, value of rank 1, ...] on every rank (float64 all-gather)."""
+        if self.world == 1:
+            return [float(value)]
+        t = torch.tensor([value], dtype=torch.float64)
+        out = [torch.empty_like(t) for _ in range(self.world)]
+        dist.all_gather(out, t)
+        return [float(x[0]) for x in out]
 
     def _reduce(self, value, op):
         if self.world == 1:
@@ -159,9 +169,9 @@ class DataParallel(SingleProcess):
 class ZeroStage1(DataParallel):
     """DDP gradients; each rank keeps and steps the optimizer state of the parameters it owns."""
 
-    def build_optimizer(self, groups, **adamw_kwargs):
-        from minitrain.zero import ZeroOptimizer
-        return ZeroOptimizer(groups, torch.optim.AdamW, stage=1, **adamw_kwargs)
+    def build_optimizer(self, groups, optimizer_cls=torch.optim.AdamW, **kwargs):
+        from minitrain.zero import ZeroOptimizer  # whole parameters per owner: layer-wise
+        return ZeroOptimizer(groups, optimizer_cls, stage=1, **kwargs)  # LAMB/LARS stay exact
 
 
 class ZeroStage2(SingleProcess):
@@ -169,29 +179,27 @@ class ZeroStage2(SingleProcess):
 
     sharded_grads = True
 
-    def build_optimizer(self, groups, **adamw_kwargs):
+    def __init__(self, rank, world, *, fp16=False):
+        super().__init__(rank, world)
+        self.fp16 = fp16
+
+    def build_optimizer(self, groups, optimizer_cls=torch.optim.AdamW, **kwargs):
         from minitrain.zero import ZeroOptimizer
-        return ZeroOptimizer(groups, torch.optim.AdamW, stage=2, **adamw_kwargs)
+        return ZeroOptimizer(groups, optimizer_cls, stage=2, **kwargs)
 
     def after_backward(self, optimizer):
         optimizer.reduce_gradients()  # owners hold the averaged gradient, others none
-
-
-class ZeroStage3(SingleProcess):
-    """`minitrain.zero.shard_model`: each rank keeps 1/N of every block's weights; backward
-    reduce-scatters the gradients into the shards. No checkpoint yet (FSDP will add one)."""
-
-    sharded_grads = True
-    can_checkpoint = False
-
-    def prepare_model(self, model):
-        from minitrain.zero import shard_model
-        return shard_model(model)
+        if self.fp16:  # each GradScaler sees only its owned gradients: agree on inf/nan
+            from minitrain.fsdp import agree_on_found_inf
+            agree_on_found_inf(optimizer)
 
 
 def choose_parallel_mode(cfg, rank, world):
     """The mode for a TrainConfig under `world` processes: one line per mode."""
     if world == 1:
         return SingleProcess(rank, world)
-    modes = {0: DataParallel, 1: ZeroStage1, 2: ZeroStage2, 3: ZeroStage3}
+    from minitrain.fsdp import FSDPMode  # minitrain.fsdp imports this module: import it here
+    modes = {0: DataParallel, 1: ZeroStage1,
+             2: lambda rank, world: ZeroStage2(rank, world, fp16=cfg.precision == "fp16"),
+             3: lambda rank, world: FSDPMode(rank, world, precision=cfg.precision)}
     return modes[cfg.zero_stage](rank, world)

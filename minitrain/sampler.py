@@ -131,7 +131,7 @@ def write_shards(samples, directory, *, samples_per_shard):
     _check_int("samples_per_shard", samples_per_shard, 1)
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    paths, tar, count = [], None, 0
+    paths, tar, tmp, count = [], None, None, 0
     try:
         for index, sample in enumerate(samples):
             if count % samples_per_shard == 0:

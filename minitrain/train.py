@@ -5,7 +5,7 @@ What. `train(TrainConfig(...))` trains the tiny GPT on byte tokens and returns a
 `--max-lr 3e-4`, `--compile/--no-compile`, `--clip-norm none`). Two objects are chosen ONCE at
 start-up, so the loop reads the same for every setting:
 
-    mode = choose_parallel_mode(cfg, rank, world)    # minitrain.parallel: single/DDP/ZeRO-1/2/3
+    mode = choose_parallel_mode(cfg, rank, world)    # minitrain.parallel: single/DDP/ZeRO-1/2/FSDP
     precision = choose_precision(cfg.precision, device)  # fp32 / bf16 autocast / fp16 + GradScaler
 
 and one optimizer step is:
@@ -28,8 +28,14 @@ Choices, and why:
   parameters; CPU and CUDA in recent torch); where the device does not support it we fall back
   to `foreach=True` (one kernel per operation over the list) and print that. `False` is the
   plain per-parameter loop (`foreach=False`): the speed ladder's baseline.
-- The lr schedule is warmup + cosine (`minitrain.schedule.WarmupCosine`) over `steps` optimizer
-  steps. A step that the fp16 GradScaler skips (inf/nan gradient) STILL advances the schedule,
+- `--optimizer lamb|lars` swaps AdamW for `minitrain.large_batch`'s layer-wise optimizers
+  (same decay groups; ZeRO-1/2 shard them like AdamW: owners hold whole parameters, so the
+  per-layer trust ratio is unchanged). `--batch-warmup-steps W` ramps the micro-batches per
+  step from 1 to `accum_steps` over W steps (`micro_batches_at`); the lr schedule still counts
+  optimizer STEPS, not tokens (so a ramped run has the lrs of the unramped one).
+- The lr schedule is `--schedule`: warmup + cosine (`minitrain.schedule.WarmupCosine`, the
+  default), or step / one-cycle / constant / inverse-sqrt (`schedule_factor`) over `steps`
+  optimizer steps. A step that the fp16 GradScaler skips (inf/nan gradient) STILL advances the schedule,
   as torch's schedulers do when `scaler.step` skips: the schedule counts steps, not updates.
   Whether a step was skipped is asked of the scaler (`GradScaler.last_step_skipped`).
 - Evaluation: `eval_iters` batches of the held-out split (the last `val_fraction` of the tokens,
@@ -47,9 +53,26 @@ global batch from the same seeded generator and keeps its own slice (`minitrain.
 rows r*batch_size ... (r+1)*batch_size-1), so ranks never see the same samples and N ranks train
 like one process on the N-times larger batch. The parallel mode (`minitrain.parallel`) decides
 how: `minitrain.ddp.DDP` averages gradients; `zero_stage` 1/2 use `minitrain.zero.ZeroOptimizer`
-(stage 2 without DDP: it reduces gradients to their owners itself), 3 uses
-`minitrain.zero.shard_model`. Rank 0 alone writes files and prints; the logged
-loss is the mean over ranks and tokens/s counts all ranks' tokens over the slowest rank's time.
+(stage 2 without DDP: it reduces gradients to their owners itself), 3 uses FSDP
+(`minitrain.fsdp.FSDP`: parameters, gradients and optimizer state sharded; checkpoints hold the
+FULL state dict, so `--resume` works as for every other mode; `--precision bf16/fp16` becomes
+its compute dtype over fp32 master shards). With fp16 and sharded gradients (ZeRO-2, FSDP) the
+ranks all-reduce "found inf" so all skip a step together. Rank 0 alone writes files and prints;
+the logged loss is the mean over ranks and tokens/s counts all ranks' tokens over the slowest
+rank's time; `peak_mem_bytes_ranks` is every rank's peak memory (CPU: peak RSS).
+Data under torchrun: `--loader ram|memmap` is the seeded global batch above; `--loader
+dataloader` is torch's DataLoader (`--num-workers`, `--prefetch-factor`, `--persistent-workers`,
+`--pin-memory`) over fixed windows of the token file, each rank reading the shard that
+`minitrain.sampler.DistributedSampler` gives it (set_epoch every epoch); the sampler's epoch and
+position are in the checkpoint, so resume is exact. `--log-ranks` prints each rank's loss and
+tokens; the run header prints world size, per-rank and global batch.
+Elastic: under `torchrun --max-restarts N`, when a worker dies torchrun restarts all of them
+with TORCHELASTIC_RESTART_COUNT > 0; the trainer then resumes from out_dir's last checkpoint by
+itself (as if `--resume` had been given; each attempt gets its own key prefix in torchrun's
+store), so the run ends with exactly the losses of an uninterrupted one.
+`--profile N` records N steps after 3 warm-up steps: out_dir/trace.json (chrome://tracing or
+Perfetto; phases data / forward / forward_backward / communication / clip / optimizer / eval by
+name) and out_dir/profile.md; every metrics line has `mfu` against this machine's measured peak.
 The classic mistake: `python -m minitrain.train --zero-stage 1` (plain python) starts ONE
 process with WORLD_SIZE unset; we refuse with a one-line error instead of silently training alone.
 
@@ -104,13 +127,15 @@ import torch.nn.functional as F
 from minitrain import checkpointing as ckpt
 from minitrain.accumulate import IGNORE_INDEX, accumulate_gradients
 from minitrain.bench import peak_memory_bytes
-from minitrain.data import (fingerprint, get_batch, get_batch_loop, load_dataset, rank_rows,
-                            split_tokens)
+from minitrain.data import (SeededBatches, WindowLoader, fingerprint, get_batch, load_dataset,
+                            rank_rows, split_tokens)
 from minitrain.files import append_jsonl, remove_stale_temp_files
 from minitrain.grad_scaler import GradScaler
 from minitrain.model import GPT, GPTConfig
 from minitrain.parallel import choose_parallel_mode
-from minitrain.schedule import WarmupCosine
+from minitrain.profile import flops_per_token, mfu, peak_bandwidth, peak_flops
+from minitrain.step_profiler import ProfileWindow, StepProfiler
+from minitrain.schedule import LambdaSchedule, WarmupCosine, one_cycle, step_decay
 from minitrain.stability import SpikeDetector
 from minitrain.train_config import (RESUME_FREE_FIELDS, ConfigError, TrainConfig,  # noqa: F401
                                     build_parser, validate_config)
@@ -207,15 +232,61 @@ def adamw_kernel_kwargs(fused, device, say=print):
 
 
 def build_optimizer(model, cfg, device="cpu", say=print, *, mode=None):
-    """AdamW(max_lr, betas=(0.9, 0.95)) with decay groups, built by the parallel mode (ZeRO-1/2:
-    a ZeroOptimizer). `mode` defaults to the one chosen for cfg in the current process group."""
+    """cfg.optimizer with decay groups, built by the parallel mode (ZeRO-1/2: a ZeroOptimizer
+    around it): AdamW(max_lr, betas=(0.9, 0.95)); LAMB the same plus its layer-wise trust ratio;
+    LARS (momentum 0.9, trust coefficient 0.001) for the large-batch comparison of lesson
+    large_batch. `mode` defaults to the one chosen for cfg in the current process group."""
     if mode is None:
         rank, world = ((torch.distributed.get_rank(), torch.distributed.get_world_size())
                        if _dist_ready() else (0, 1))
         mode = choose_parallel_mode(cfg, rank, world)
-    kwargs = dict(lr=cfg.max_lr, betas=(0.9, 0.95), eps=1e-8,
-                  **adamw_kernel_kwargs(cfg.fused_adamw, device, say))
-    return mode.build_optimizer(param_groups(model, cfg.weight_decay), **kwargs)
+    groups = param_groups(model, cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return mode.build_optimizer(groups, lr=cfg.max_lr, betas=(0.9, 0.95), eps=1e-8,
+                                    **adamw_kernel_kwargs(cfg.fused_adamw, device, say))
+    from minitrain.large_batch import LAMB, LARS
+    kwargs = ({"optimizer_cls": LAMB, "betas": (0.9, 0.95), "eps": 1e-8}
+              if cfg.optimizer == "lamb" else {"optimizer_cls": LARS, "momentum": 0.9})
+    return mode.build_optimizer(groups, lr=cfg.max_lr, **kwargs)
+
+
+def schedule_factor(cfg):
+    """lr(step) / max_lr for the non-cosine --schedule choices (step = optimizer step, 0-based;
+    the schedule counts STEPS, also with --batch-warmup-steps). Each starts with the same linear
+    warmup as WarmupCosine ((step + 1) / W for step < W), except one-cycle, whose rise IS its
+    warmup (pct_start = W / steps, or torch's 0.3 without warmup):
+    - constant: 1 after warmup;
+    - step: x gamma every third of the steps after warmup, gamma = sqrt(min_lr / max_lr), so
+      the last third runs at min_lr (gamma 0.1 if min_lr is 0);
+    - inverse-sqrt: sqrt(W / (step + 1)) after warmup (the Transformer paper's schedule);
+    - one-cycle: minitrain.schedule.one_cycle (= torch's OneCycleLR) with max_lr 1."""
+    w, n = cfg.warmup_steps, cfg.steps
+    if cfg.schedule == "one-cycle":
+        pct = w / n if 0 < w < n else 0.3
+        return lambda step: one_cycle(min(step, n), max_lr=1.0, total_steps=n, pct_start=pct)
+    gamma = math.sqrt(cfg.min_lr / cfg.max_lr) if cfg.min_lr > 0 else 0.1
+    after = {"constant": lambda k: 1.0,
+             "step": lambda k: step_decay(k, lr=1.0, step_size=max(1, math.ceil((n - w) / 3)),
+                                          gamma=gamma),
+             "inverse-sqrt": lambda k: math.sqrt(max(w, 1) / (k + w + 1))}[cfg.schedule]
+    return lambda step: (step + 1) / w if step < w else after(step - w)
+
+
+def build_scheduler(optimizer, cfg):
+    """The --schedule object (state_dict / load_state_dict / step), chosen once."""
+    if cfg.schedule == "cosine":
+        return WarmupCosine(optimizer, total_steps=cfg.steps, warmup_steps=cfg.warmup_steps,
+                            min_lr=cfg.min_lr)
+    return LambdaSchedule(optimizer, schedule_factor(cfg))
+
+
+def micro_batches_at(step, cfg):
+    """--batch-warmup-steps W: micro-batches in optimizer step `step`, a linear ramp from 1 at
+    step 0 to accum_steps at step W (then accum_steps); accum_steps without a ramp."""
+    w = cfg.batch_warmup_steps
+    if not w or step >= w:
+        return cfg.accum_steps
+    return 1 + (cfg.accum_steps - 1) * step // w
 
 
 def autocast_context(precision, device):
@@ -333,19 +404,32 @@ def choose_precision(precision, device):
     return (ScaledFp16 if precision == "fp16" else FullPrecision)(precision, device)
 
 
+PROFILE_WARMUP = 3  # --profile records steps after these (allocations, AdamW state, caches)
+
+
 def _finite(x):
     return float(x) if math.isfinite(float(x)) else None  # JSON has no inf/nan: null instead
 
 
-def _draw_micro_batches(train_data, cfg, rng, rank, world, device):
-    """accum_steps micro-batches for this rank: each is its slice of one global batch."""
-    batch_fn = get_batch_loop if cfg.batching == "loop" else get_batch
-    out = []
-    for _ in range(cfg.accum_steps):
-        x, y = batch_fn(train_data, cfg.batch_size * world, cfg.seq_len, rng=rng)  # (B*W, T)
-        out.append((rank_rows(x, rank, cfg.batch_size).to(device),
-                    rank_rows(y, rank, cfg.batch_size).to(device)))  # (B, T) each
-    return out  # accum_steps x ((B, T), (B, T))
+def _draw_micro_batches(batches, n_micro, device):
+    """n_micro micro-batches for this rank from the batch source."""
+    return [batches.next(device) for _ in range(n_micro)]  # n_micro x ((B, T), (B, T))
+
+
+def _batch_source(cfg, train_data, rng, rank, world):
+    """ram / memmap: minitrain's seeded batcher (rank slices of one global batch);
+    dataloader: torch's DataLoader over fixed windows, sharded by DistributedSampler."""
+    if cfg.loader != "dataloader":
+        return SeededBatches(train_data, cfg.batch_size, cfg.seq_len, rng=rng, rank=rank,
+                             world=world, loop=cfg.batching == "loop")
+    try:
+        return WindowLoader(train_data, cfg.batch_size, cfg.seq_len, rank=rank, world=world,
+                            seed=cfg.seed, num_workers=cfg.num_workers,
+                            prefetch_factor=cfg.prefetch_factor,
+                            persistent_workers=cfg.persistent_workers,
+                            pin_memory=cfg.pin_memory)
+    except ValueError as err:
+        raise ConfigError("batch_size", str(err)) from None
 
 
 class TrainingStopped(RuntimeError):
@@ -362,13 +446,20 @@ def train(config):
     torchrun it creates the process group with a timeout of `dist_timeout_s` (and destroys it
     at the end); if a group already exists (a test's launcher), it uses that one as it is."""
     rank, world, local_rank = _distributed_env()
+    restarts = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if restarts.isdigit() and int(restarts) > 0 and not config.resume:
+        # torchrun --max-restarts N restarted the workers after one died: continue from the
+        # last checkpoint (same flags, no edits). --overwrite must not wipe the run now.
+        config = dataclasses.replace(config, resume=True, overwrite=False)
+        if rank == 0:
+            print(f"torchrun restart {restarts}: resuming from the last checkpoint")
     validate_config(config, world)
     own_group = world > 1 and not _dist_ready()
     if own_group:  # torchrun set the environment; we create (and later destroy) the group
         backend = "nccl" if resolve_device(config, local_rank).type == "cuda" else "gloo"
         try:
-            torch.distributed.init_process_group(
-                backend, timeout=datetime.timedelta(seconds=config.dist_timeout_s))
+            _init_process_group(backend, datetime.timedelta(seconds=config.dist_timeout_s),
+                                int(restarts) if restarts.isdigit() else 0)
         except RuntimeError as err:  # includes the store's timeout: a rank never arrived
             raise TrainingStopped(f"rank {rank}: the {world} processes did not meet within "
                                   f"--dist-timeout-s {config.dist_timeout_s:g} "
@@ -380,6 +471,19 @@ def train(config):
             torch.distributed.destroy_process_group()
 
 
+def _init_process_group(backend, timeout, restarts):
+    """torchrun's env:// group. After an elastic restart torchrun's store still holds the dead
+    attempt's addresses under the same keys (gloo would dial the dead ranks): each attempt gets
+    its own key prefix in the same store."""
+    if restarts == 0:
+        torch.distributed.init_process_group(backend, timeout=timeout)
+        return
+    store, rank, world = next(torch.distributed.rendezvous("env://", timeout=timeout))
+    store = torch.distributed.PrefixStore(f"minitrain/attempt{restarts}", store)
+    torch.distributed.init_process_group(backend, store=store, rank=rank, world_size=world,
+                                         timeout=timeout)
+
+
 def _first_line(err):
     text = str(err).strip()
     return (text.splitlines()[0] if text else type(err).__name__)[:160]
@@ -389,7 +493,8 @@ def _load_data(cfg):
     """All token ids and their (train, val) split; every problem is a ConfigError naming the
     flag (--data, --cache-dir, --seq-len)."""
     try:
-        tokens = load_dataset(cfg.data, mode=cfg.loader, cache_dir=cfg.cache_dir,
+        mode = "memmap" if cfg.loader == "dataloader" else cfg.loader  # workers share pages
+        tokens = load_dataset(cfg.data, mode=mode, cache_dir=cfg.cache_dir,
                               max_bytes=cfg.corpus_bytes)
         train_data, val_data = split_tokens(tokens, cfg.val_fraction)
     except ValueError as err:
@@ -471,13 +576,13 @@ def _train(cfg, rank, world, local_rank):
     # --- set-up: every choice is made once, here -------------------------------------------
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
-    mode = choose_parallel_mode(cfg, rank, world)  # single / DDP / ZeRO-1 / ZeRO-2 / ZeRO-3
+    mode = choose_parallel_mode(cfg, rank, world)  # single / DDP / ZeRO-1 / ZeRO-2 / FSDP
     precision = choose_precision(cfg.precision, device)  # fp32 / bf16 / fp16 + GradScaler
     model = mode.prepare_model(build_model(cfg, device))  # build_model seeds torch first
     optimizer = build_optimizer(model, cfg, device, say, mode=mode)
-    scheduler = WarmupCosine(optimizer, total_steps=cfg.steps, warmup_steps=cfg.warmup_steps,
-                             min_lr=cfg.min_lr)
-    sampler = np.random.default_rng(cfg.seed)  # draws every training batch
+    scheduler = build_scheduler(optimizer, cfg)  # --schedule; counts optimizer steps
+    sampler = np.random.default_rng(cfg.seed)  # draws every training batch (ram / memmap)
+    batches = _batch_source(cfg, train_data, sampler, rank, world)  # --loader, chosen once
     spikes = SpikeDetector(threshold=cfg.spike_threshold) if cfg.spike_threshold else None
     loss_fn, z_parts = _make_loss_fn(cfg)
 
@@ -493,6 +598,10 @@ def _train(cfg, rank, world, local_rank):
         scheduler.load_state_dict(state["scheduler"])
         precision.load_state_dict(state["scaler"])
         ckpt.set_rng_state(state["rng"], sampler)
+        try:
+            batches.load_state_dict(state.get("loader"))  # DataLoader: epoch and position
+        except ValueError as err:
+            raise ConfigError("resume", str(err)) from None
         if spikes is not None and state.get("spikes"):
             spikes.load_state_dict(state["spikes"])
         start_step = int(state["step"])
@@ -515,13 +624,32 @@ def _train(cfg, rank, world, local_rank):
 
     train_model = mode.wrap_model(torch.compile(model) if cfg.compile else model)  # DDP here
 
+    profiler = StepProfiler(device, enabled=cfg.profile > 0 and is_main)
+
     def forward(x):  # what accumulate_gradients calls as model(x)
-        with precision.autocast():
+        with profiler.phase("forward"), precision.autocast():
             return train_model(x)
 
     params = [p for p in model.parameters() if p.requires_grad]
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.accum_steps * world
-    extra = {"world_size": world, "data": data_print}  # what a resume must match
+    # MFU: against this device's MEASURED peak at the run's dtype (cached per machine); rank 0
+    # measures, the others wait in the all-reduce. One device per rank: world x the peak.
+    fpt = flops_per_token(dict(n_layer=cfg.n_layer, n_embd=cfg.n_embd, seq_len=cfg.seq_len))
+    peak_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision, torch.float32)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        # (measuring draws random matrices: the run's RNG must not depend on the cache)
+        peak = mode.max(peak_flops(peak_dtype, device=device) if is_main else 0.0) * world
+    window = None
+    if cfg.profile and is_main:
+        window = ProfileWindow(out_dir, profiler, start=start_step + PROFILE_WARMUP,
+                               steps=cfg.profile, tokens_per_step=tokens_per_step,
+                               flops_per_token=fpt, peak_flops=peak,
+                               peak_bandwidth=peak_bandwidth(device=device) * world)
+    extra = {"world_size": world, "data": data_print, "batches": batches}
+    say(f"world size {world} | per rank {cfg.batch_size} sequences x {cfg.accum_steps} "
+        f"micro-batches | global batch {cfg.batch_size * cfg.accum_steps * world} sequences x "
+        f"{cfg.seq_len} = {tokens_per_step:,} tokens/step | loader {cfg.loader} | "
+        f"{type(mode).__name__}")
     bar = None
     if cfg.progress and is_main:
         from tqdm import tqdm
@@ -535,17 +663,24 @@ def _train(cfg, rank, world, local_rank):
     try:
         with open(metrics_path, "a") if is_main else contextlib.nullcontext() as metrics_file:
             for step in range(start_step, cfg.steps):
+                if window is not None:
+                    window.begin(step)
                 t0 = time.perf_counter()
-                micro = _draw_micro_batches(train_data, cfg, sampler, rank, world, device)
+                n_micro = micro_batches_at(step, cfg)  # accum_steps (or the --batch-warmup ramp)
+                with profiler.phase("data"):
+                    micro = _draw_micro_batches(batches, n_micro, device)
                 if z_parts is not None:
                     z_parts.clear()
-                loss = accumulate_gradients(forward, micro, loss_fn, scaler=precision.scaler,
-                                            no_sync=mode.no_sync)  # sync on the last backward
-                mode.after_backward(optimizer)  # every rank holds its averaged gradient (part)
+                with profiler.phase("forward_backward"):  # "forward" nests inside it
+                    loss = accumulate_gradients(forward, micro, loss_fn, scaler=precision.scaler,
+                                                no_sync=mode.no_sync)  # sync on the last backward
+                with profiler.phase("communication"):
+                    mode.after_backward(optimizer)  # every rank holds its averaged gradient (part)
                 scale = precision.loss_scale()
-                precision.unscale_(optimizer)  # true gradients before measuring/clipping them
-                norm = mode.clip(params, cfg.clip_norm)  # the norm BEFORE clipping
-                loss = mode.mean(loss)  # the same number on every rank
+                with profiler.phase("clip"):
+                    precision.unscale_(optimizer)  # true gradients before measuring/clipping them
+                    norm = mode.clip(params, cfg.clip_norm)  # the norm BEFORE clipping
+                local_loss, loss = loss, mode.mean(loss)  # the same number on every rank
                 z = None
                 if z_parts is not None:  # log the language-model loss and the z-loss apart
                     n = sum(c for _, c in z_parts)
@@ -555,7 +690,8 @@ def _train(cfg, rank, world, local_rank):
                 event = _judge(loss + (z or 0.0), norm, precision, spikes)  # before the step
                 action = None if event is None else cfg.on_nonfinite
                 if event is None:
-                    skipped = precision.step(optimizer)  # fp16: skipped on an inf/nan gradient
+                    with profiler.phase("optimizer"):
+                        skipped = precision.step(optimizer)  # fp16: skipped on an inf/nan grad
                 else:
                     precision.drop(optimizer)  # never step on it
                     skipped = True
@@ -568,15 +704,26 @@ def _train(cfg, rank, world, local_rank):
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 dt = mode.max(time.perf_counter() - t0)  # the slowest rank's time
-                tps = tokens_per_step / dt
+                step_tokens = cfg.batch_size * cfg.seq_len * n_micro * world
+                tps = step_tokens / dt
                 step_tps.append(tps)
                 record = {"step": step, "loss": _finite(loss), "lr": lr,
                           "grad_norm": _finite(norm),
                           "clipped": bool(cfg.clip_norm is not None and math.isfinite(norm)
                                           and norm > cfg.clip_norm),
                           "skipped": bool(skipped), "scale": scale, "tokens_per_s": tps,
+                          "mfu": mfu(tps, fpt, peak),
                           "peak_mem_bytes": peak_memory_bytes(device),
                           "event": event, "action": action}
+                if cfg.batch_warmup_steps:
+                    record["micro_batches"], record["tokens"] = n_micro, step_tokens
+                if cfg.log_ranks:  # each rank's own loss and data: the shards differ
+                    record["rank_losses"] = mode.gather(local_loss)
+                    record["rank_token_sums"] = [int(v) for v in mode.gather(
+                        float(sum(int(x.sum()) for x, _ in micro)))]
+                if world > 1:  # memory per rank: sharding shows here
+                    record["peak_mem_bytes_ranks"] = [int(b) for b in
+                                                      mode.gather(record["peak_mem_bytes"])]
                 if z is not None:
                     record["z_loss"] = _finite(z)
                 if action == "rollback":
@@ -585,7 +732,8 @@ def _train(cfg, rank, world, local_rank):
                     record["scale_after"] = precision.loss_scale()  # below the floor
                 last = step == cfg.steps - 1
                 if action != "stop" and ((step + 1) % cfg.eval_every == 0 or last):
-                    val_loss = evaluate(model, val_data, cfg, device, rank=rank, world=world)
+                    with profiler.phase("eval"):
+                        val_loss = evaluate(model, val_data, cfg, device, rank=rank, world=world)
                     record["val_loss"] = _finite(val_loss)
                 records.append(record)  # every rank keeps them (same numbers: all-reduced)
                 if is_main:
@@ -595,11 +743,22 @@ def _train(cfg, rank, world, local_rank):
                     if cfg.log_every and (step % cfg.log_every == 0 or last
                                           or "val_loss" in record):
                         say(format_log_line(record, dt))
+                        if cfg.log_ranks:
+                            tokens_rank = cfg.batch_size * cfg.seq_len * n_micro
+                            for r, (rl, ts) in enumerate(zip(record["rank_losses"],
+                                                             record["rank_token_sums"])):
+                                say(f"  rank {r} | loss {rl:.4f} | {tokens_rank:,} tokens | "
+                                    f"sum of token ids {ts:,}")
                     if bar is not None:
                         bar.update(1)
                         bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
                 if action == "stop":
                     raise TrainingStopped(_stop_message(record, cfg, saved))
+                profiler.step()
+                if window is not None:
+                    window.end(step)
+                    if window.done and step == window.stop - 1:
+                        say(f"profile: {out_dir / 'profile.md'}, trace {out_dir / 'trace.json'}")
                 if (step + 1) % cfg.checkpoint_every == 0 or last:
                     state = _save(ckpt_path, cfg, step + 1, model, optimizer, scheduler,
                                   precision, sampler, mode, {**extra, "spikes": spikes}, is_main)
@@ -629,6 +788,9 @@ def _train(cfg, rank, world, local_rank):
                                   f"{cfg.dist_timeout_s:g}): {_first_line(err)}; "
                                   f"{_resume_hint(saved)}") from None
         raise
+    finally:
+        if window is not None:
+            window.close()  # a run that stopped inside the profiled window leaves no mode on
     if bar is not None:
         bar.close()
 
@@ -712,6 +874,7 @@ def _save(path, cfg, next_step, model, optimizer, scheduler, precision, sampler,
                    **state, "scheduler": scheduler.state_dict(),
                    "scaler": precision.state_dict(), "rng": ckpt.rng_state(sampler),
                    "world_size": extra["world_size"], "data": extra["data"],
+                   "loader": extra["batches"].state_dict(),
                    "spikes": spikes.state_dict() if spikes is not None else None}
         ckpt.save_checkpoint(path, payload)
     return state

@@ -25,13 +25,17 @@ import torch
 from minitrain.model import ATTENTION_KINDS
 
 CHOICES = {"attention": ATTENTION_KINDS, "precision": ("fp32", "bf16", "fp16"),
-           "loader": ("ram", "memmap"), "batching": ("vectorized", "loop"),
+           "loader": ("ram", "memmap", "dataloader"), "batching": ("vectorized", "loop"),
            "zero_stage": (0, 1, 2, 3), "device": ("auto", "cpu", "cuda"),
-           "on_nonfinite": ("rollback", "skip", "stop")}
+           "on_nonfinite": ("rollback", "skip", "stop"),
+           "optimizer": ("adamw", "lamb", "lars"),
+           "schedule": ("cosine", "step", "one-cycle", "constant", "inverse-sqrt")}
 # fields that may differ between a run and its --resume (they do not change any number)
 # (the recovery policy may change too: resuming after a `stop` with `rollback` is its point)
 RESUME_FREE_FIELDS = {"resume", "out_dir", "log_every", "progress", "cache_dir", "overwrite",
-                      "dist_timeout_s", "on_nonfinite", "min_loss_scale"}
+                      "dist_timeout_s", "on_nonfinite", "min_loss_scale", "profile",
+                      "num_workers", "prefetch_factor", "persistent_workers", "pin_memory",
+                      "log_ranks"}
 
 
 def _opt_float(text):
@@ -69,7 +73,8 @@ class TrainConfig:
     precision: str = _f("fp32", "fp32 | bf16 autocast | fp16 autocast + GradScaler")
     compile: bool = _f(False, "torch.compile the model")
     fused_adamw: bool = _f(False, "fused AdamW kernel (foreach where fused is unsupported)")
-    loader: str = _f("ram", "read tokens into RAM or memory-map the file")
+    loader: str = _f("ram", "read tokens into RAM, memory-map the file, or torch's DataLoader "
+                     "over fixed windows sharded by DistributedSampler")
     batching: str = _f("vectorized", "vectorized gather or the Python loop")
     zero_stage: int = _f(0, "ZeRO stage (needs torchrun, >1 process)")
     activation_checkpointing: bool = _f(False, "recompute each block in backward")
@@ -99,6 +104,21 @@ class TrainConfig:
     min_loss_scale: float = _f(1.0, "fp16: the run ends when the GradScaler's scale falls below")
     overwrite: bool = _f(False, "replace the run already in out_dir (else refused unless --resume)")
     dist_timeout_s: float = _f(300.0, "seconds a collective may wait for a stuck or dead rank")
+    # -- the DataLoader path (--loader dataloader) and per-rank logging --
+    num_workers: int = _f(0, "DataLoader worker processes (0 = load in the training process)")
+    prefetch_factor: int = _f(None, "batches each worker loads ahead ('none' = torch's default, "
+                              "2; needs --num-workers >= 1)", type=_opt_int)
+    persistent_workers: bool = _f(False, "keep DataLoader workers alive between epochs")
+    pin_memory: bool = _f(False, "DataLoader copies batches into pinned memory (CUDA only)")
+    log_ranks: bool = _f(False, "print every rank's loss and tokens at each log line")
+    # -- optimizer, schedule, batch-size warmup --
+    optimizer: str = _f("adamw", "adamw | lamb | lars (minitrain.large_batch)")
+    schedule: str = _f("cosine", "lr schedule over steps: cosine (warmup + cosine) | step | "
+                       "one-cycle | constant | inverse-sqrt (each after --warmup-steps)")
+    batch_warmup_steps: int = _f(0, "ramp the micro-batches per step linearly from 1 to "
+                                 "--accum-steps over N steps (0 = off)")
+    profile: int = _f(0, "profile this many steps after 3 warm-up steps: out_dir/trace.json + "
+                      "profile.md (0 = off)")
 
 
 class ConfigError(ValueError):
@@ -122,7 +142,8 @@ def validate_config(cfg, world_size=1):
         v = getattr(cfg, name)
         if not _is_int(v) or v < 1:
             raise ConfigError(name, f"must be an int >= 1, got {v!r}")
-    for name in ("warmup_steps", "seed", "log_every"):
+    for name in ("warmup_steps", "seed", "log_every", "profile", "num_workers",
+                 "batch_warmup_steps"):
         v = getattr(cfg, name)
         if not _is_int(v) or v < 0:
             raise ConfigError(name, f"must be an int >= 0, got {v!r}")
@@ -134,6 +155,9 @@ def validate_config(cfg, world_size=1):
             raise ConfigError(name, f"must be a finite number {relation} 0, got {v!r}")
     if cfg.min_lr > cfg.max_lr:
         raise ConfigError("min_lr", f"must be <= max_lr ({cfg.max_lr}), got {cfg.min_lr}")
+    if cfg.profile and cfg.steps < cfg.profile + 3:
+        raise ConfigError("profile", f"needs steps >= profile + 3 warm-up steps, got steps="
+                          f"{cfg.steps}, profile={cfg.profile}: raise --steps or lower --profile")
     if cfg.warmup_steps > cfg.steps:
         raise ConfigError("warmup_steps", f"must be <= steps ({cfg.steps}), got {cfg.warmup_steps}")
     if cfg.clip_norm is not None and (isinstance(cfg.clip_norm, bool) or not isinstance(
@@ -147,7 +171,7 @@ def validate_config(cfg, world_size=1):
             raise ConfigError(name, f"must be one of {', '.join(map(str, allowed))}; "
                               f"got {getattr(cfg, name)!r}")
     for name in ("native_layers", "compile", "fused_adamw", "activation_checkpointing", "resume",
-                 "progress", "overwrite"):
+                 "progress", "overwrite", "persistent_workers", "pin_memory", "log_ranks"):
         if not isinstance(getattr(cfg, name), bool):
             raise ConfigError(name, f"must be True or False, got {getattr(cfg, name)!r}")
     if not 0.0 < cfg.val_fraction < 1.0:
@@ -191,13 +215,32 @@ def validate_config(cfg, world_size=1):
         raise ConfigError("zero_stage", "ZeRO shards state across processes: launch with "
                           "torchrun --nproc_per_node 2 -m minitrain.train ... "
                           "(plain python runs ONE process)")
-    if cfg.precision == "fp16" and cfg.zero_stage >= 2:
-        raise ConfigError("precision", "fp16 with zero_stage 2/3 is not supported: each rank "
-                          "checks only its gradient shard for inf/nan, so ranks could disagree on "
-                          "skipping a step; use bf16 or zero_stage 0/1")
-    if cfg.resume and cfg.zero_stage == 3:
-        raise ConfigError("resume", "not supported with zero_stage 3: each rank holds only its "
-                          "parameter shard and checkpoint.pt is not written under stage 3")
+    if cfg.loader != "dataloader":
+        for name in ("num_workers", "prefetch_factor", "persistent_workers", "pin_memory"):
+            if getattr(cfg, name) not in (0, None, False):
+                raise ConfigError(name, "only applies to --loader dataloader; add it or drop "
+                                  f"--{name.replace('_', '-')}")
+    if cfg.num_workers == 0 and (cfg.prefetch_factor is not None or cfg.persistent_workers):
+        name = "prefetch_factor" if cfg.prefetch_factor is not None else "persistent_workers"
+        raise ConfigError(name, "needs worker processes: add --num-workers 1 (or more)")
+    if cfg.prefetch_factor is not None and (not _is_int(cfg.prefetch_factor)
+                                            or cfg.prefetch_factor < 1):
+        raise ConfigError("prefetch_factor", f"must be an int >= 1 or None, got "
+                          f"{cfg.prefetch_factor!r}")
+    if cfg.batch_warmup_steps > cfg.steps:
+        raise ConfigError("batch_warmup_steps", f"must be <= steps ({cfg.steps}), got "
+                          f"{cfg.batch_warmup_steps}")
+    if cfg.batch_warmup_steps and cfg.accum_steps < 2:
+        raise ConfigError("batch_warmup_steps", "ramps the micro-batches per step up to "
+                          "--accum-steps: set --accum-steps >= 2 (the full batch)")
+    if cfg.optimizer != "adamw" and cfg.zero_stage == 3:
+        raise ConfigError("optimizer", f"{cfg.optimizer} is not wired into zero_stage 3 (FSDP "
+                          "builds AdamW over its shards): use --optimizer adamw or zero_stage <= 2")
+    if cfg.optimizer != "adamw" and cfg.fused_adamw:
+        raise ConfigError("fused_adamw", f"is AdamW's kernel; --optimizer {cfg.optimizer} has "
+                          "none: drop --fused-adamw")
+    if cfg.compile and cfg.zero_stage == 3:
+        raise ConfigError("compile", "not supported with zero_stage 3 (FSDP): drop --compile")
 
 
 def activation_bytes(cfg, world_size=1):

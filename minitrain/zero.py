@@ -5,7 +5,7 @@ What: with plain DDP every one of N ranks holds the full parameters (P bytes), f
 per parameter, so S = 2P in fp32). Only the per-rank DATA differs. ZeRO shards the copies:
     stage 1: optimizer state      per rank: P + G + S/N
     stage 2: + gradients          per rank: P + G/N + S/N
-    stage 3: + parameters         per rank: (P + G + S)/N   (+ one gathered block at a time)
+    stage 3: + parameters         per rank: (P + G + S)/N   (+ one gathered unit at a time)
 - Stage 1 (`ZeroOptimizer(..., stage=1)`): parameters are partitioned over ranks (sorted-greedy:
   largest first, each to the least-loaded rank). Each rank's inner optimizer holds state only
   for the parameters it owns and steps only those; then every parameter is broadcast from its
@@ -14,18 +14,18 @@ per parameter, so S = 2P in fp32). Only the per-rank DATA differs. ZeRO shards t
   reduce-scatter of the gradient set by ownership), divided by N there, and freed everywhere
   else. Here the reduction runs in `step()`, after backward, so the full gradient still exists
   during backward; production ZeRO-2 reduces each bucket from a backward hook to cut that peak.
-- Stage 3 (`shard_model(model)`): each block's parameters are flattened, padded to a multiple
-  of N and cut into N shards; a rank keeps only its shard (an nn.Parameter the optimizer sees).
-  Before the block's forward the shards are all-gathered, after it the full weights are freed;
-  backward gathers them again, recomputes the block and reduce-scatters the weight gradient
-  back into shard gradients (the same recompute idea as activation checkpointing).
+- Stage 3 is `minitrain.fsdp.FSDP` (lesson 18): each unit's parameters are flattened and cut
+  into N shards; a rank keeps only its shard. Before a unit's forward the shards are
+  all-gathered, after it the full weights are freed; backward gathers them again (the
+  activations were saved, nothing is recomputed) and reduce-scatters the weight gradient back
+  into shard gradients. This module keeps its memory accounting (`predicted_bytes`, stage 3).
 Clipping a sharded gradient needs the norm over all ranks: `minitrain.parallel.
 clip_grad_norm_sharded` (the one clip path of the trainer) sums the local squares over ranks.
 Every stage does the same arithmetic as the unsharded optimizer: AdamW is elementwise, so the
 owner's update of a parameter is exactly what every rank would have computed.
 
 Communication: stage 1 and 2 send about what DDP sends (reduce + broadcast = all-reduce);
-stage 3 adds one all-gather of the parameters per forward and per backward (1.5x DDP).
+stage 3 (FSDP) adds one all-gather of the parameters per forward and per backward (1.5x DDP).
 
 `memory_report(...)` predicts the per-rank bytes from the formulas above and measures them from
 the tensors actually alive on this rank.
@@ -37,10 +37,6 @@ import math
 
 import torch
 import torch.distributed as dist
-from torch.func import functional_call
-from torch.utils._pytree import tree_flatten, tree_unflatten
-
-from minitrain.collectives import ring_all_gather, ring_reduce_scatter
 
 
 def partition_parameters(sizes, world_size):
@@ -56,7 +52,8 @@ def partition_parameters(sizes, world_size):
 class ZeroOptimizer(torch.optim.Optimizer):
     def __init__(self, params, optimizer_cls, *, stage=1, **defaults):
         if stage not in (1, 2):
-            raise ValueError(f"stage must be 1 or 2 (stage 3 is shard_model(model)), got {stage!r}")
+            raise ValueError(f"stage must be 1 or 2 (stage 3 is minitrain.fsdp.FSDP(model)), "
+                             f"got {stage!r}")
         if not dist.is_initialized():
             raise ValueError("ZeroOptimizer needs torch.distributed initialised: launch with "
                              "torchrun --nproc_per_node N")
@@ -176,124 +173,6 @@ class ZeroOptimizer(torch.optim.Optimizer):
                            "params": list(range(k, k + len(local["params"])))})
             k += len(local["params"])
         self.local_optimizer.load_state_dict({"state": state, "param_groups": groups})
-
-
-_TENSOR = object()  # marks a tensor slot when (args, kwargs) or outputs are flattened
-
-
-# ---- stage 3 ---------------------------------------------------------------------------------
-class _GatherRunFree(torch.autograd.Function):
-    """forward: gather the unit's weights, run it without saving activations, free them.
-    backward: gather again, recompute with grad, reduce-scatter the weight gradient."""
-
-    @staticmethod
-    def forward(ctx, unit, call, shard, *inputs):
-        ctx.unit, ctx.call, ctx.rng = unit, call, torch.get_rng_state()
-        ctx.save_for_backward(shard, *inputs)
-        with torch.no_grad():
-            outs = unit.run(unit.gather(shard), inputs, call)  # the gathered weights die here
-        return outs
-
-    @staticmethod
-    def backward(ctx, *grad_outs):
-        shard, *inputs = ctx.saved_tensors
-        unit = ctx.unit
-        full = unit.gather(shard).requires_grad_(True)  # (N*k,)
-        needs = ctx.needs_input_grad[3:]
-        inputs = [x.detach().requires_grad_(need) for x, need in zip(inputs, needs)]
-        with torch.enable_grad(), torch.random.fork_rng(devices=[]):
-            torch.set_rng_state(ctx.rng)  # same dropout masks as the forward
-            outs = unit.run(full, inputs, ctx.call)
-        pairs = [(o, g) for o, g in zip(outs, grad_outs) if o.requires_grad and g is not None]
-        if pairs:  # backward (not autograd.grad): nested units' shards must get their .grad too
-            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-        grad_full = full.grad if full.grad is not None else torch.zeros_like(full)
-        grad_shard = torch.empty_like(shard)
-        ring_reduce_scatter(grad_shard, grad_full)  # sum over ranks of my slice
-        grad_shard.div_(unit.world_size)  # data parallel: average over ranks
-        return (None, None, grad_shard, *[x.grad if x.requires_grad else None for x in inputs])
-
-
-class _ShardedUnit:
-    """One block: flat padded weights, this rank's shard, and how to run the block with them."""
-
-    def __init__(self, module, named_params, rank, world_size):
-        self.module, self.rank, self.world_size = module, rank, world_size
-        self.names = [n for n, _ in named_params]
-        self.shapes = [p.shape for _, p in named_params]
-        self.numels = [p.numel() for _, p in named_params]
-        total = sum(self.numels)
-        self.k = math.ceil(total / world_size)  # shard length; padded total = N * k
-        dtype = named_params[0][1].dtype
-        flat = torch.zeros(self.k * world_size, dtype=dtype)  # (N*k,) zero padding at the end
-        torch.cat([p.detach().reshape(-1) for _, p in named_params], out=flat[:total])
-        shard = torch.nn.Parameter(flat[rank * self.k:(rank + 1) * self.k].clone())
-        module.register_parameter("zero3_shard", shard)
-        for _, p in named_params:  # free the full copy: only the shard stays on this rank
-            p.data = torch.empty(0, dtype=dtype)
-            p.requires_grad_(False)
-        self.inside = False
-        self.original_forward = module.forward
-        self.out_spec = None
-        module.forward = self.forward
-
-    def gather(self, shard):
-        full = torch.empty(self.k * self.world_size, dtype=shard.dtype)
-        ring_all_gather(full, shard.detach())
-        return full
-
-    def run(self, full, tensor_leaves, call):
-        weights, off = {}, 0
-        for name, shape, n in zip(self.names, self.shapes, self.numels):
-            weights[name] = full[off:off + n].view(shape)
-            off += n
-        in_spec, in_consts = call  # how to rebuild (args, kwargs) from the tensor leaves
-        it = iter(tensor_leaves)
-        args, kwargs = tree_unflatten([next(it) if c is _TENSOR else c for c in in_consts], in_spec)
-        self.inside = True
-        try:
-            out = functional_call(self.module, weights, tuple(args), kwargs)
-        finally:
-            self.inside = False
-        leaves, self.out_spec = tree_flatten(out)
-        self.out_consts = [_TENSOR if isinstance(x, torch.Tensor) else x for x in leaves]
-        return tuple(x for x in leaves if isinstance(x, torch.Tensor))
-
-    def forward(self, *args, **kwargs):
-        if self.inside:  # called from run(): the real forward with gathered weights
-            return self.original_forward(*args, **kwargs)
-        leaves, in_spec = tree_flatten((list(args), kwargs))
-        in_consts = [_TENSOR if isinstance(x, torch.Tensor) else x for x in leaves]
-        tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
-        outs = _GatherRunFree.apply(self, (in_spec, in_consts), self.module.zero3_shard, *tensors)
-        outs = iter(outs if isinstance(outs, tuple) else (outs,))
-        merged = [next(outs) if c is _TENSOR else c for c in self.out_consts]
-        return tree_unflatten(merged, self.out_spec)
-
-
-def shard_model(model, *, units=None):
-    """ZeRO-3 in place: every block (each element of each nn.ModuleList, then the model itself
-    for the remaining weights) keeps 1/N of its parameters. Returns the model; give
-    `model.parameters()` to a plain optimizer (the shards are the trainable parameters)."""
-    if not dist.is_initialized():
-        raise ValueError("shard_model needs torch.distributed initialised: use torchrun")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    with torch.no_grad():
-        for t in list(model.parameters()) + list(model.buffers()):
-            dist.broadcast(t.data, src=0)  # every rank shards the same weights
-    if units is None:
-        units = [m for lst in model.modules() if isinstance(lst, torch.nn.ModuleList)
-                 for m in lst] + [model]
-    claimed = set()
-    for module in units:
-        named = [(n, p) for n, p in module.named_parameters()
-                 if id(p) not in claimed and p.requires_grad and p.numel() > 0]
-        if not named:
-            continue
-        claimed.update(id(p) for _, p in named)
-        _ShardedUnit(module, named, rank, world)
-        claimed.add(id(module.zero3_shard))  # an outer unit must not shard this shard again
-    return model
 
 
 # ---- memory accounting ----------------------------------------------------------------------

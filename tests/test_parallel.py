@@ -141,12 +141,16 @@ def test_no_sync_is_entered_for_all_but_the_last_micro_batch():
 
 def test_choose_parallel_mode_one_class_per_setting():
     """World 1 is SingleProcess whatever the stage; under torchrun zero_stage picks the class.
-    Only ZeRO-2/3 hold sharded gradients; only ZeRO-3 cannot checkpoint (yet)."""
+    Only ZeRO-2 and FSDP (stage 3) hold sharded gradients; every mode can checkpoint (FSDP
+    saves the full state dict)."""
+    from minitrain.fsdp import FSDPMode
+
     expected = {0: parallel.DataParallel, 1: parallel.ZeroStage1, 2: parallel.ZeroStage2,
-                3: parallel.ZeroStage3}
-    assert type(parallel.choose_parallel_mode(SimpleNamespace(zero_stage=0), 0, 1)) \
-        is parallel.SingleProcess
+                3: FSDPMode}
+    cfg = SimpleNamespace(zero_stage=0, precision="fp32")
+    assert type(parallel.choose_parallel_mode(cfg, 0, 1)) is parallel.SingleProcess
     for stage, cls in expected.items():
-        mode = parallel.choose_parallel_mode(SimpleNamespace(zero_stage=stage), 1, 2)
+        mode = parallel.choose_parallel_mode(SimpleNamespace(zero_stage=stage, precision="bf16"),
+                                             1, 2)
         assert type(mode) is cls and (mode.rank, mode.world) == (1, 2)
-        assert mode.sharded_grads == (stage >= 2) and mode.can_checkpoint == (stage != 3)
+        assert mode.sharded_grads == (stage >= 2) and mode.can_checkpoint

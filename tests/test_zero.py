@@ -1,5 +1,5 @@
-"""ZeRO stages 1-3 do the arithmetic of the unsharded optimizer, while each rank keeps only its
-share of the optimizer state (1), gradients (2) and parameters (3).
+"""ZeRO stages 1-2 do the arithmetic of the unsharded optimizer, while each rank keeps only its
+share of the optimizer state (1) and gradients (2); stage 3 is FSDP (tests/test_fsdp.py).
 
 References: plain `torch.optim.AdamW` in one process on the whole batch, and
 `torch.distributed.optim.ZeroRedundancyOptimizer`. One launch per world size runs every case.
@@ -19,7 +19,7 @@ from torch.nn.utils import clip_grad_norm_ as torch_clip_grad_norm_
 
 from minitrain.distributed_utils import launch
 from minitrain.parallel import clip_grad_norm_sharded
-from minitrain.zero import measured_bytes, predicted_bytes, shard_model
+from minitrain.zero import measured_bytes, predicted_bytes
 from tests.implementation import under_test
 
 ZeroOptimizer, partition_parameters = under_test("minitrain.zero", "ZeroOptimizer",
@@ -176,61 +176,30 @@ def test_zero_equals_adamw_for_generated_hyperparameters(seed, lr, wd):
         assert max(out[1]["vs_single"], out[2]["vs_single"]) < TOL
 
 
-def _gpt_cases(rank, world, seed):
+def _zero1_accounting(rank, world):
+    """ZeRO-1 on the tiny GPT: this rank's optimizer state, measured and predicted."""
     from minitrain.model import GPT, GPTConfig
 
-    torch.manual_seed(seed + rank)  # different starts: shard_model broadcasts rank 0's weights
-    cfg = GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32)
-    model = GPT(cfg)
-    single = copy.deepcopy(model)
-    for p, q in zip(single.parameters(), model.parameters()):
-        dist.broadcast(q.data, src=0)
-        p.data.copy_(q.data)
-    n_params = sum(p.numel() for p in single.parameters())
-    shard_model(model)
-    gen = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, 64, (world * 2, 16), generator=gen)
-    opt_single = torch.optim.AdamW(single.parameters(), lr=1e-2)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    losses, norms = [], []
-    for _ in range(2):
-        for m, o, batch in ((single, opt_single, idx), (model, opt, idx[rank * 2:rank * 2 + 2])):
-            o.zero_grad()
-            loss = m(batch[:, :-1], batch[:, 1:])[1]
-            loss.backward()
-            norms.append((clip_grad_norm_sharded(m.parameters(), 1e9) if m is model
-                          else torch_clip_grad_norm_(m.parameters(), 1e9)).item())
-            o.step()
-            losses.append(loss.item())
-    with torch.no_grad():
-        logits_diff = (model(idx[:, :-1])[0] - single(idx[:, :-1])[0]).abs().max().item()
-    # ZeRO-1 accounting on the same model: per-rank optimizer state vs total / N
-    plain = GPT(cfg)
+    torch.manual_seed(0)
+    plain = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32))
+    n_params = sum(p.numel() for p in plain.parameters())
     zero1 = ZeroOptimizer(plain.parameters(), torch.optim.AdamW, stage=1, lr=1e-3)
     for p in plain.parameters():
         p.grad = torch.zeros_like(p)
     zero1.step()
-    return {"logits_diff": logits_diff, "n_params": n_params, "norms": norms,
-            "sharded": measured_bytes(model, opt),
+    return {"n_params": n_params,
             "zero1_state": measured_bytes(plain, zero1)["optimizer_state"],
             "predicted1": predicted_bytes(n_params, world, 1)["optimizer_state"]}
 
 
 @pytest.mark.parametrize("world", [2, 3])
-def test_shard_model_trains_like_unsharded_and_shards_memory(world):
-    """shard_model (ZeRO-3) on the tiny GPT, 2 AdamW steps on each rank's slice, computes the
-    logits and gradient norm (clip_grad_norm_sharded) of the unsharded model trained on the
-    whole batch; each rank stores about 1/N of the
-    parameters, gradients and AdamW state; ZeRO-1 state per rank is within 10% of total/N."""
-    results = launch(_gpt_cases, world, 3, timeout_s=90)
+def test_zero1_state_per_rank_is_about_total_over_n(world):
+    """ZeRO-1 on the tiny GPT: each rank's AdamW state is within 10% of total/N (the sorted-greedy
+    partition is not perfectly even) and the ranks' states add up to the whole (2 floats per
+    parameter). Stage 3 (FSDP) is tested in tests/test_fsdp.py."""
+    results = launch(_zero1_accounting, world, timeout_s=90)
     n = results[0]["n_params"]
     for rank, r in enumerate(results):
-        assert r["logits_diff"] < 1e-5, (rank, r)
-        single_norms, sharded_norms = r["norms"][0::2], r["norms"][1::2]
-        assert all(abs(a - b) < 1e-5 * a for a, b in zip(single_norms, sharded_norms)), r["norms"]
-        for key in ("params", "grads"):  # padding adds < one element per rank per block
-            assert abs(r["sharded"][key] - 4 * n / world) <= 4 * 8 * world, (rank, key, r)
-        assert abs(r["sharded"]["optimizer_state"] - 8 * n / world) <= 8 * 8 * world, (rank, r)
         assert abs(r["zero1_state"] - r["predicted1"]) <= 0.10 * r["predicted1"], (rank, r)
     assert sum(r["zero1_state"] for r in results) == 8 * n
 
@@ -244,6 +213,7 @@ def test_partition_is_sorted_greedy():
 
 
 def test_zero_rejects_bad_stage():
-    """stage must be 1 or 2 for ZeroOptimizer (stage 3 is shard_model); the error says so."""
-    with pytest.raises(ValueError, match="shard_model"):
+    """stage must be 1 or 2 for ZeroOptimizer (stage 3 is minitrain.fsdp.FSDP); the error says
+    so."""
+    with pytest.raises(ValueError, match="fsdp"):
         ZeroOptimizer([nn.Parameter(torch.zeros(2))], torch.optim.AdamW, stage=3)
