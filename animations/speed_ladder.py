@@ -178,8 +178,8 @@ def main():
         "How to read it: every bar is one measured run of the same training loop; a rung adds "
         "exactly one change to the rung before it and is shown only after its step-0 loss "
         "matched the baseline's. Speedups are ratios of tokens/s measured in this run. The DDP "
-        "stage comes last: scale out only what is already fast on one device.", 52)
-    ddp_note = textwrap.fill(honest_note(scaling, ladder_threads), 52)
+        "stage comes last: scale out only what is already fast on one device.", 50)
+    ddp_note = textwrap.fill(honest_note(scaling, ladder_threads), 50)
     note = fig.text(0.70, 0.80, reading, fontsize=12, color=deck.TEXT, va="top",
                     bbox=dict(facecolor=deck.PANEL, edgecolor=deck.GOLD, pad=8))
     fig.text(0.07, 0.87, textwrap.fill(f"Source: {source}. Red outline: slower than the rung "
@@ -190,7 +190,7 @@ def main():
         if bar.get("ddp") == "one":
             return f"{bar['tps']:,.0f}\n1 process"
         if bar.get("ddp") == "many":
-            return (f"{bar['tps']:,.0f}\n{scaling['speedup']:.2f}x of 1 process\n"
+            return (f"{bar['tps']:,.0f}\n{scaling['speedup']:.2f}x vs 1 proc.\n"
                     f"efficiency {scaling['efficiency']:.2f}")
         return f"{bar['tps']:,.0f}\n{bar['tps'] / base_tps:.2f}x"
 

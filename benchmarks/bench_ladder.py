@@ -203,7 +203,7 @@ def main(argv=None):
             sections.append((cpu_json, cpu_ok))
         ok = all(section_ok for _, section_ok in sections)
         cpu_json = max((j for j, _ in sections), key=lambda j: j["base"]["seq_len"])
-        report = {"machine": meta, "cpu": cpu_json,  # "cpu": the longest context (animation)
+        report = {"machine": meta, "quick": args.quick, "cpu": cpu_json,  # "cpu": longest T
                   "cpu_by_seq_len": {str(j["base"]["seq_len"]): j for j, _ in sections}}
         if use_gpu:
             gpu_keys = [r.key for r in ladder.GPU_RUNGS]
