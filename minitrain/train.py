@@ -2,11 +2,13 @@
 
 What. `train(TrainConfig(...))` trains the tiny GPT on byte tokens and returns a `RunResult`;
 `python -m minitrain.train --help` is the same as a command line (every field is a flag:
-`--max-lr 3e-4`, `--compile/--no-compile`, `--clip-norm none`). Two objects are chosen ONCE at
-start-up, so the loop reads the same for every setting:
+`--max-lr 3e-4`, `--compile/--no-compile`, `--clip-norm none`). A few objects are chosen ONCE
+at start-up, so the loop reads the same for every setting:
 
     mode = choose_parallel_mode(cfg, rank, world)    # minitrain.parallel: single/DDP/ZeRO-1/2/FSDP
-    precision = choose_precision(cfg.precision, device)  # fp32 / bf16 autocast / fp16 + GradScaler
+    precision = choose_precision(cfg.precision, device)  # minitrain.precision: fp32/bf16/fp16
+    batches = _batch_source(cfg, ...)                # minitrain.data: seeded batcher / DataLoader
+    scheduler = build_scheduler(optimizer, cfg)      # --schedule, counted in optimizer steps
 
 and one optimizer step is:
 
@@ -76,32 +78,8 @@ name) and out_dir/profile.md; every metrics line has `mfu` against this machine'
 The classic mistake: `python -m minitrain.train --zero-stage 1` (plain python) starts ONE
 process with WORLD_SIZE unset; we refuse with a one-line error instead of silently training alone.
 
-Failures, and what the trainer does (syllabus 16-06; `minitrain.stability` has the taxonomy):
-- A non-finite loss or grad norm (fp16: a non-finite loss; an inf/nan fp16 gradient is the
-  GradScaler's normal business: skip and halve the scale) or, with `--spike-threshold K`, a loss
-  above K x the median of the last 50 is caught BEFORE `optimizer.step()`. All ranks see the
-  same all-reduced loss and norm, so all take the same decision. `--on-nonfinite` says what:
-  `rollback` (default) restores model, optimizer and scaler from the last checkpoint (kept in
-  memory too) and goes on with the NEXT batches and the same lr schedule, so the batches that
-  led there are not replayed and the run still ends at `steps`; `skip` drops this one update;
-  `stop` ends the run with one line naming the step. Why rollback by default: a non-finite or
-  spiking loss often means the weights or Adam's moments are already heading out (lr too high,
-  an overflow), which skipping one batch does not undo; going back to known-good weights and
-  past the data is what large runs do (PaLM, OPT), and it costs at most `checkpoint_every`
-  steps. Each event is a metrics.jsonl field (`event`, `action`, `rollback_to`) and a log line.
-- fp16: a scale below `--min-loss-scale` (default 1) ends the run: the gradients overflow even
-  unscaled, and halving further only hides it. `--z-loss W` adds PaLM's W * logsumexp^2 term
-  (logged apart as `z_loss`; `loss` stays the language-model loss).
-- A checkpoint is never written with an inf/nan tensor (checked on every rank first).
-- Nothing on disk is lost: an out_dir holding another run is refused unless `--resume` or
-  `--overwrite`, and nothing in it changes before the settings, the data and the checkpoint
-  (world size, data fingerprint, checksum) have been checked.
-- Every error is one line (`main`): bad flags exit 2; a run that had to stop (policy, scale
-  floor, out of memory, full disk, a stuck or dead rank) exits 1; Ctrl-C exits 130 with
-  "interrupted at step N; --resume continues from step M".
-- Under torchrun the process group and every collective wait at most `--dist-timeout-s`
-  (default 300 s): a rank that stops answering ends the others with one line after that long
-  (then torchrun itself takes up to 30 s more to kill what is left).
+Failures (non-finite loss or norm, loss spikes, the fp16 scale floor, stuck or dead ranks, a
+full disk, Ctrl-C): the policy and its reasons are in `minitrain.recovery`'s docstring.
 
 Common bugs this file avoids: logging the clipped norm (always <= clip_norm, so it hides spikes);
 clipping fp16 gradients before unscaling them (the threshold then means nothing); counting the
@@ -130,13 +108,19 @@ from minitrain.bench import peak_memory_bytes
 from minitrain.data import (SeededBatches, WindowLoader, fingerprint, get_batch, load_dataset,
                             rank_rows, split_tokens)
 from minitrain.files import append_jsonl, remove_stale_temp_files
-from minitrain.grad_scaler import GradScaler
 from minitrain.model import GPT, GPTConfig
 from minitrain.parallel import choose_parallel_mode
+from minitrain.precision import (FullPrecision, ScaledFp16,  # noqa: F401 (re-exported)
+                                 autocast_context, choose_precision)
 from minitrain.profile import flops_per_token, mfu, peak_bandwidth, peak_flops
-from minitrain.step_profiler import ProfileWindow, StepProfiler
+from minitrain.recovery import event_line as _event_line
+from minitrain.recovery import judge as _judge
+from minitrain.recovery import num as _num
+from minitrain.recovery import resume_hint as _resume_hint
+from minitrain.recovery import stop_message as _stop_message
 from minitrain.schedule import LambdaSchedule, WarmupCosine, one_cycle, step_decay
 from minitrain.stability import SpikeDetector
+from minitrain.step_profiler import ProfileWindow, StepProfiler
 from minitrain.train_config import (RESUME_FREE_FIELDS, ConfigError, TrainConfig,  # noqa: F401
                                     build_parser, validate_config)
 
@@ -289,14 +273,6 @@ def micro_batches_at(step, cfg):
     return 1 + (cfg.accum_steps - 1) * step // w
 
 
-def autocast_context(precision, device):
-    """torch.autocast for bf16/fp16 on `device`'s type; a no-op for fp32."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(torch.device(device).type, dtype=dtype)
-
-
 def lm_loss(output, y):
     """Mean next-token cross-entropy of model(x)'s (logits, _) against y; -100 targets ignored."""
     logits = output[0]  # (B, T, V)
@@ -329,79 +305,6 @@ def evaluate(model, data, cfg, device="cpu", *, rank=0, world=1):
         torch.distributed.all_reduce(mean_t)
         mean = float(mean_t[0])
     return mean
-
-
-class FullPrecision:
-    """fp32, or bf16 autocast: bf16 has fp32's exponent range, so gradients need no scaling."""
-
-    scaler = None  # what accumulate_gradients multiplies each loss by before backward
-
-    def __init__(self, precision, device):
-        self.precision, self.device = precision, device
-
-    def autocast(self):
-        return autocast_context(self.precision, self.device)
-
-    def loss_scale(self):
-        return 1.0
-
-    def unscale_(self, optimizer):
-        """Turn the gradients back into true gradients (nothing to do without a scaler)."""
-
-    def step(self, optimizer):
-        """optimizer.step(); returns whether the step was skipped."""
-        optimizer.step()
-        return False
-
-    def drop(self, optimizer):
-        """End a step without updating (the trainer caught a non-finite loss or a spike)."""
-
-    def below_floor(self, floor):
-        return False  # no scale, no floor
-
-    def state_dict(self):
-        return None
-
-    def load_state_dict(self, state):
-        pass
-
-
-class ScaledFp16(FullPrecision):
-    """fp16 autocast + minitrain's GradScaler: the loss is multiplied by the scale before
-    backward, gradients are unscaled before they are measured, and a step whose gradients hold
-    inf/nan is skipped (the scaler says so: `last_step_skipped`) and the scale halved."""
-
-    def __init__(self, precision, device):
-        super().__init__(precision, device)
-        self.scaler = GradScaler()
-
-    def loss_scale(self):
-        return self.scaler.get_scale()
-
-    def unscale_(self, optimizer):
-        self.scaler.unscale_(optimizer)
-
-    def step(self, optimizer):
-        self.scaler.step(optimizer)
-        self.scaler.update()
-        return self.scaler.last_step_skipped
-
-    def drop(self, optimizer):
-        self.scaler.update()  # it still learns from this step's inf check (and may back off)
-
-    def below_floor(self, floor):
-        """The scale fell below `floor`: even unscaled, the fp16 gradients overflow."""
-        return self.scaler.get_scale() < floor
-
-    def state_dict(self):
-        return self.scaler.state_dict()
-
-    def load_state_dict(self, state):
-        self.scaler.load_state_dict(state)
-
-
-def choose_precision(precision, device):
-    return (ScaledFp16 if precision == "fp16" else FullPrecision)(precision, device)
 
 
 PROFILE_WARMUP = 3  # --profile records steps after these (allocations, AdamW state, caches)
@@ -506,19 +409,6 @@ def _load_data(cfg):
         raise ConfigError("seq_len", f"{cfg.seq_len} is too long for this data: the train/val "
                           f"splits have {len(train_data)}/{len(val_data)} tokens; use more data")
     return tokens, train_data, val_data
-
-
-def _judge(loss, norm, precision, spikes):
-    """None for a healthy step, else what is wrong with it (the same on every rank: loss and
-    norm are all-reduced). fp16: an inf/nan gradient is the GradScaler's business (it skips and
-    backs off), so only a non-finite LOSS is an event there."""
-    if not math.isfinite(loss):
-        return "non-finite loss"
-    if not math.isfinite(norm) and precision.scaler is None:
-        return "non-finite grad norm"
-    if spikes is not None and spikes.update(loss):
-        return "loss spike"
-    return None
 
 
 def _make_loss_fn(cfg):
@@ -809,37 +699,6 @@ def _train(cfg, rank, world, local_rank):
         peak_mem_bytes=peak_memory_bytes(device), wall_s=time.perf_counter() - t_start,
         world_size=world,
         events=[(r["step"], r["event"], r["action"]) for r in records if r.get("event")])
-
-
-def _resume_hint(saved):
-    if saved is None:
-        return "no checkpoint yet: --resume starts again from step 0"
-    return f"--resume continues from step {saved}"
-
-
-def _event_line(record, cfg):
-    """One line per event: what happened at which step, and what the trainer did about it."""
-    what = {"skip": "step skipped", "rollback": f"rolled back to step {record.get('rollback_to')}",
-            "stop": "stopping"}[record["action"]]
-    detail = (f"scale {record.get('scale_after', 0.0):g} < --min-loss-scale "
-              f"{cfg.min_loss_scale:g}"
-              if record["event"] == "fp16 scale floor" else
-              f"loss {_num(record['loss'], '.4f')}, norm {_num(record['grad_norm'], '.2f')}")
-    return f"step {record['step']} | {record['event']} ({detail}) | {what}"
-
-
-def _stop_message(record, cfg, saved):
-    if record["event"] == "fp16 scale floor":
-        hint = "the fp16 gradients overflow even unscaled: lower --max-lr, clip, or use bf16"
-    else:
-        hint = ("rerun with a lower --max-lr, --clip-norm or --z-loss 1e-4, or resume with "
-                "--on-nonfinite rollback")
-    return (f"stopped at step {record['step']}: {record['event']} (--on-nonfinite "
-            f"{cfg.on_nonfinite}); {hint}; {_resume_hint(saved)}")
-
-
-def _num(v, fmt):
-    return "inf/nan" if v is None else format(v, fmt)  # None = non-finite in the record
 
 
 def format_log_line(record, dt):

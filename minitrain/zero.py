@@ -33,7 +33,6 @@ the tensors actually alive on this rank.
 Common bug: giving stage 1 gradients that were NOT averaged across ranks - each owner then
 steps with its own local gradient and the ranks silently train different models.
 """
-import math
 
 import torch
 import torch.distributed as dist
