@@ -19,7 +19,7 @@ COLORS = {"params": deck.NAVY, "grads": deck.MUTED, "optimizer_state": deck.GOLD
 STAGE_TEXT = ["Stage 0 - plain DDP: every rank holds everything",
               "Stage 1 - shard the optimizer state",
               "Stage 2 - also shard the gradients",
-              "Stage 3 - also shard the parameters"]
+              "Stage 3 - also shard the parameters (FSDP)"]
 SEED = 0
 MOVE_FRAMES, HOLD_FRAMES = 8, 10
 

@@ -3,7 +3,11 @@
 What: `search(space, train_fn, strategy=..., budget=...)` tries configurations drawn from `space`
 (a dict: name -> list of values), calls `train_fn(config, budget) -> validation loss` for each,
 and returns the best. `budget` is whatever unit `train_fn` understands (training steps for the
-tiny GPT, see `make_gpt_train_fn`).
+tiny GPT, see `make_gpt_train_fn`). That ready train_fn for the tiny GPT (`make_gpt_train_fn`,
+`TINY_GPT`, `TRIAL_PREFIX`, `remove_stale_trial_dirs`) lives in minitrain/hparam_gpt.py and is
+re-exported here: `from minitrain.hparam import make_gpt_train_fn` works as before.
+The runner that calls train_fn and keeps the resumable log (`Trial`, `read_log`,
+`SearchSetupError`) lives in minitrain/hparam_trials.py, re-exported here too.
 
 Why a budget matters: the full grid is a product. 8 axes of 2-5 values each is already 12,960
 runs (lesson 15 counts and costs it). Cheaper strategies spend the budget where it pays:
@@ -54,25 +58,22 @@ Common bug: comparing losses measured at different budgets. A config trained 9x 
 because it trained longer; halving only ranks configurations within one round.
 """
 import itertools
-import json
 import math
-import os
 import random
-import statistics
-import time
 import warnings
 from dataclasses import dataclass, field
 
-from tqdm.auto import tqdm
+from minitrain.hparam_gpt import (TINY_GPT, TRIAL_PREFIX, make_gpt_train_fn,
+                                  remove_stale_trial_dirs)
+from minitrain.hparam_trials import SearchSetupError, Trial, _key, _Runner, read_log
 
-from minitrain.files import append_jsonl, read_jsonl
+__all__ = ["STRATEGIES", "SearchSetupError", "grid", "grid_size", "random_configs", "Trial",
+           "SearchResult", "read_log", "fine_values", "search",
+           # re-exported: Trial, read_log, SearchSetupError from minitrain.hparam_trials, and
+           # the GPT trial hook from minitrain.hparam_gpt:
+           "TINY_GPT", "TRIAL_PREFIX", "make_gpt_train_fn", "remove_stale_trial_dirs"]
 
 STRATEGIES = ("grid", "random", "halving", "coarse_to_fine")
-
-
-class SearchSetupError(ValueError):
-    """A mistake every trial would repeat (bad config keys, a budget train_fn cannot take): it
-    stops the search at once instead of being logged as one failed trial after another."""
 
 
 def _check_space(space):
@@ -120,20 +121,6 @@ def random_configs(space, n, *, seed):
 
 
 @dataclass
-class Trial:
-    """One call of train_fn: a configuration, trained with `budget`, under `seed`."""
-    config: dict
-    budget: object
-    seed: object
-    val_loss: float  # nan/inf kept as returned; ranked as worst
-    wall_s: float
-    round: int = 0
-    from_log: bool = False  # True: read from the log, train_fn was not called
-    status: str = "ok"  # "ok" | "diverged" (nan/inf loss) | "failed" (train_fn raised)
-    reason: str = None  # why a trial diverged or failed (None when ok)
-
-
-@dataclass
 class SearchResult:
     best_config: dict
     best_loss: float  # mean over seeds, at best_budget
@@ -147,122 +134,6 @@ class SearchResult:
     n_from_log: int = 0  # trials skipped because the log already had them
     strategy: str = "grid"
     n_failed: int = 0  # trials used by this search whose status is not "ok"
-
-
-def _key(config, budget, seed):
-    return json.dumps([config, budget, seed], sort_keys=True)
-
-
-def _rank_loss(x):
-    return x if math.isfinite(x) else math.inf
-
-
-def read_log(path):
-    """The trial records of a JSONL log (a list of dicts); tolerant of a kill mid-write.
-
-    A truncated last line (no newline: the process died while writing it) is cut off the file, so
-    the next append starts on a clean line. Any other unreadable line is skipped with a warning.
-    """
-    if not os.path.exists(path):
-        return []
-    with open(path, "rb") as f:
-        data = f.read()
-    complete = data.rfind(b"\n") + 1
-    if complete < len(data):  # the torn tail of a killed write: cut it, or the next append
-        with open(path, "r+b") as f:  # would be glued onto it and lost with it
-            f.truncate(complete)
-            f.flush()
-            os.fsync(f.fileno())
-    records = [r for r in read_jsonl(path) if isinstance(r, dict) and "config" in r
-               and "budget" in r]  # must be trial records
-    lines = sum(1 for line in data[:complete].splitlines() if line.strip())
-    if len(records) < lines:
-        warnings.warn(f"{path}: skipped {lines - len(records)} unreadable line(s)", stacklevel=2)
-    return records
-
-
-def _status(record):
-    """A logged trial's status; logs written before `status` existed only had `diverged`."""
-    if record.get("status") in ("ok", "diverged", "failed"):
-        return record["status"]
-    return "diverged" if record.get("val_loss") is None else "ok"
-
-
-class _Runner:
-    """Runs (config, budget) over every seed, reusing the log and results already in memory."""
-
-    def __init__(self, train_fn, seeds, log_path, hide_bar, total, strategy, retry_failed):
-        self.train_fn, self.seeds, self.log_path, self.strategy = train_fn, seeds, log_path, strategy
-        self.done = {}  # key -> Trial, from the log and from this search
-        self.used = set()  # keys of the trials this search has used (each counted once)
-        self.trials, self.n_trained, self.n_from_log = [], 0, 0
-        self.best = math.inf
-        if log_path is not None:
-            for r in read_log(log_path):
-                status = _status(r)
-                if retry_failed and status == "failed":
-                    continue  # train it again; the new record is appended after the old one
-                loss = math.nan if r.get("val_loss") is None else float(r["val_loss"])
-                trial = Trial(r["config"], r["budget"], r.get("seed"), loss,
-                              float(r.get("wall_s", 0.0)), int(r.get("round", 0)), True,
-                              status, r.get("reason"))
-                self.done[_key(trial.config, trial.budget, trial.seed)] = trial
-        self.bar = tqdm(total=total, desc=f"search:{strategy}", disable=hide_bar, leave=False)
-
-    def evaluate(self, config, budget, round_index):
-        """Mean and spread of the loss of `config` at `budget` over the seeds."""
-        losses = []
-        for seed in self.seeds:
-            key = _key(config, budget, seed)
-            trial = self.done.get(key)
-            if trial is not None and trial.from_log and key not in self.used:
-                self.n_from_log += 1
-            if trial is None:
-                trial = self._train(config, budget, seed, round_index)
-                self.n_trained += 1
-                self.done[key] = trial
-                if self.log_path is not None:
-                    append_jsonl(self.log_path, {
-                        "config": config, "budget": budget, "seed": seed,
-                        "val_loss": trial.val_loss if trial.status == "ok" else None,
-                        "status": trial.status, "reason": trial.reason,
-                        "diverged": trial.status == "diverged", "wall_s": round(trial.wall_s, 4),
-                        "round": round_index, "strategy": self.strategy}, fsync=True)
-            if key not in self.used:
-                self.used.add(key)
-                self.trials.append(trial)
-            self.bar.update(1)
-            losses.append(_rank_loss(trial.val_loss))
-            self.best = min(self.best, losses[-1])
-            self.bar.set_postfix(best=f"{self.best:.4f}")
-        mean = statistics.fmean(losses) if all(map(math.isfinite, losses)) else math.inf
-        spread = statistics.stdev(losses) if len(losses) > 1 and math.isfinite(mean) else 0.0
-        return {"config": dict(config), "budget": budget, "mean": mean, "std": spread,
-                "losses": losses, "round": round_index}
-
-    def _train(self, config, budget, seed, round_index):
-        """One train_fn call; an Exception (not Ctrl-C, not a setup error) is a failed trial."""
-        run_config = config if seed is None else {**config, "seed": seed}
-        start = time.perf_counter()
-        status, reason = "ok", None
-        try:
-            loss = self.train_fn(dict(run_config), budget)
-            loss = float(loss)
-        except SearchSetupError:
-            raise
-        except Exception as error:  # noqa: BLE001 — one bad trial must not end the search
-            loss, status, reason = math.nan, "failed", f"{type(error).__name__}: {error}"
-            warnings.warn(f"trial {config} (budget {budget}, seed {seed}) failed: {reason}; "
-                          "logged as failed, the search goes on", stacklevel=4)
-        if status == "ok" and not math.isfinite(loss):
-            status, reason = "diverged", f"non-finite validation loss ({loss})"
-        return Trial(dict(config), budget, seed, loss, time.perf_counter() - start, round_index,
-                     status=status, reason=reason)
-
-    def sweep(self, configs, budget, round_index):
-        """Evaluate every config; return the summaries sorted best first (stable on ties)."""
-        rows = [self.evaluate(c, budget, round_index) for c in configs]
-        return sorted(rows, key=lambda row: row["mean"])
 
 
 def _halving_plan(n, eta, budget, min_budget):
@@ -416,114 +287,3 @@ def _fine_stage(space, coarse, runner, budget, fine_points, rounds):
     fine = runner.sweep(grid(fine_space), budget, 1)
     rounds.append({"round": 1, "budget": budget, "ranked": fine})
     return sorted(coarse + [r for r in fine if r["config"] != best], key=lambda r: r["mean"])
-
-
-# --- The trainer hook: a ready train_fn that trains the tiny GPT -------------------------------
-
-# A model that trains in seconds on one CPU core, on the first 200 kB of the default corpus.
-TINY_GPT = dict(n_layer=2, n_head=2, n_embd=64, seq_len=64, batch_size=8, eval_iters=4,
-                warmup_steps=5, corpus_bytes=200_000)
-TRIAL_PREFIX = "hparam_trial_"  # trial folders: <out_root>/hparam_trial_<pid>_<random>
-
-
-def _pid_alive(pid):
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    return True
-
-
-def remove_stale_trial_dirs(root):
-    """Delete trial folders in `root` left by a process that was killed mid-trial (its pid, in
-    the folder's name, no longer runs); folders of live processes (a search running beside this
-    one) are left alone. Returns the paths removed."""
-    import pathlib
-    import shutil
-
-    removed = []
-    root = pathlib.Path(root)
-    if not root.is_dir():
-        return removed
-    for path in root.glob(TRIAL_PREFIX + "*_*"):
-        pid = path.name[len(TRIAL_PREFIX):].split("_", 1)[0]
-        if path.is_dir() and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(str(path))
-    return removed
-
-
-def make_gpt_train_fn(base=None, *, out_root=None, quiet=True):
-    """A `train_fn(config, budget) -> val loss` that trains the tiny GPT with `minitrain.train`.
-
-    `config` keys are `TrainConfig` field names (max_lr, batch_size, warmup_steps, weight_decay,
-    min_lr, seed, ...); unknown keys are a SearchSetupError (a ValueError). `budget` is the number
-    of optimizer steps, an int (None: `base.steps`); `train_fn.integer_budget` is True, so
-    `search` refuses a non-int budget before training. `base` is the TrainConfig the config
-    overrides (default: TINY_GPT). Each trial runs in a fresh folder `out_root/hparam_trial_<pid>_*`
-    (default out_root: the system temp dir), deleted after the trial, even when it fails; folders
-    of killed searches are deleted when the next hook is made. It evaluates once at its last step
-    and returns `final_val_loss`, or nan when the run diverged (no finite val loss): the search
-    logs it as diverged. A trial the trainer refuses (an invalid combination) raises, and the
-    search logs it as failed. warmup_steps is clamped to the budget, so a short halving round
-    warms up over its whole length instead of failing. `quiet` hides the trainer's step lines.
-    """
-    import contextlib
-    import dataclasses
-    import io
-    import shutil
-    import tempfile
-
-    from minitrain.train import TrainConfig, TrainingStopped, train  # lazy: only this hook needs it
-
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    base = base if base is not None else TrainConfig(**{k: v for k, v in TINY_GPT.items()
-                                                        if k in names})
-    reserved = {"steps", "out_dir", "resume"}
-    root = out_root if out_root is not None else tempfile.gettempdir()
-    remove_stale_trial_dirs(root)
-
-    def train_fn(config, budget=None):
-        unknown = sorted(set(config) - names)
-        if unknown:
-            raise SearchSetupError(f"config has keys that are not TrainConfig fields: {unknown}; "
-                                   "use field names such as max_lr, batch_size, warmup_steps")
-        if reserved & set(config):
-            raise SearchSetupError(f"config must not set {sorted(reserved & set(config))}: the "
-                                   "search owns them (steps = budget; a fresh out_dir per trial)")
-        if budget is not None and (not isinstance(budget, int) or isinstance(budget, bool)):
-            raise SearchSetupError(f"budget must be an int number of training steps, got "
-                                   f"{budget!r}; pass an int, e.g. budget=30")
-        steps = base.steps if budget is None else budget
-        if steps < 1:
-            raise SearchSetupError(f"budget must be >= 1 training step, got {budget!r}")
-        overrides = {**config, "steps": steps, "eval_every": steps, "checkpoint_every": steps}
-        if "on_nonfinite" in names and "on_nonfinite" not in config:
-            # A search wants to SEE divergence: the trainer's default (rollback) would hand back
-            # the rolled-back model's finite but meaningless loss.
-            overrides["on_nonfinite"] = "stop"
-        if quiet and "log_every" in names and "log_every" not in config:
-            overrides["log_every"] = 0
-        overrides["warmup_steps"] = min(int(overrides.get("warmup_steps", base.warmup_steps)), steps)
-        os.makedirs(root, exist_ok=True)
-        out_dir = tempfile.mkdtemp(dir=root, prefix=f"{TRIAL_PREFIX}{os.getpid()}_")
-        try:
-            cfg = dataclasses.replace(base, **overrides, out_dir=out_dir, resume=False)
-            sink = io.StringIO()
-            with contextlib.redirect_stdout(sink) if quiet else contextlib.nullcontext():
-                result = train(cfg)
-        except SystemExit as stop:  # a trainer that exits must not end the whole search
-            raise RuntimeError(f"the trainer stopped the trial: {stop.code}") from None
-        except TrainingStopped as stop:
-            if "(--on-nonfinite " in str(stop):  # the stop policy fired: the trial diverged
-                return math.nan  # logged as "diverged" by search(); anything else propagates
-            raise
-        finally:
-            shutil.rmtree(out_dir, ignore_errors=True)
-        loss = result.final_val_loss
-        return math.nan if loss is None else float(loss)  # None: no finite val loss (diverged)
-
-    train_fn.integer_budget = True  # budgets are steps: search() refuses 2.5
-    return train_fn

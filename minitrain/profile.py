@@ -5,6 +5,9 @@ What: `flops_per_token` is the analytic cost of one token (the 6N + 12 L T C rul
 `TorchDispatchMode`, i.e. it sees every ATen op after autograd, forward AND backward);
 `peak_flops` / `peak_bandwidth` MEASURE this machine's two roofline ceilings (a large matmul, a
 large copy) and cache them per machine; `mfu` = achieved FLOP/s / peak FLOP/s.
+The pure roofline arithmetic (`mfu`, `roofline`, `ridge_point`), the datasheet table
+(`vendor_peak_flops`) and the machine facts (`device_name`, `default_cache_path`) live in
+minitrain/roofline.py and are re-exported here (`from minitrain.profile import mfu` works).
 
 Why: tokens/s alone is not comparable across models or machines (a 2x wider model is slower
 per token and that is not a regression). Model FLOPs Utilization, MFU = tokens/s x FLOPs/token
@@ -32,7 +35,6 @@ fp32 CPU run: MFU must be against the peak of the dtype and thread count you ran
 import dataclasses
 import json
 import math
-import os
 import pathlib
 import platform
 import time
@@ -43,6 +45,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from minitrain.files import write_atomic
+from minitrain.roofline import (VENDOR_PEAKS, default_cache_path, device_name, mfu, ridge_point,
+                                roofline, vendor_peak_flops)
+
+__all__ = ["n_params_for_flops", "flops_per_token", "FLOP_RULES", "OpStats", "FlopCounter",
+           "count_flops", "peak_flops", "peak_bandwidth",
+           # the roofline arithmetic and machine facts, re-exported from minitrain.roofline:
+           "mfu", "roofline", "ridge_point", "VENDOR_PEAKS", "vendor_peak_flops", "device_name",
+           "default_cache_path"]
 
 
 def _config_fields(config):
@@ -221,28 +231,6 @@ def count_flops(fn, *args, **kwargs):
 
 # ---------------------------------------------------------------- the machine's ceilings
 
-def default_cache_path():
-    """~/.cache/minitrain/peaks.json (or $MINITRAIN_CACHE_DIR/peaks.json): the measured peaks
-    belong to the machine, not to a checkout, so they live in the user's cache folder."""
-    root = os.environ.get("MINITRAIN_CACHE_DIR") or pathlib.Path.home() / ".cache" / "minitrain"
-    return pathlib.Path(root) / "peaks.json"
-
-
-def device_name(device="cpu"):
-    """The CPU model (from /proc/cpuinfo) or the CUDA device name."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:  # not Linux
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _timer(device):
     """A function f(fn) -> seconds of one call, exact for the device: CUDA events on GPU
     (the launch returns at once; the events are timestamped on the GPU's own stream)."""
@@ -333,42 +321,3 @@ def peak_bandwidth(*, device="cpu", size_bytes=None, reps=5, cache_path=None, re
         dst = torch.zeros_like(src)
         return 2 * src.numel() * 4 / _best_seconds(lambda: dst.copy_(src), device, reps)
     return _cached("copy", device, [f"bytes={size_bytes}"], measure, cache_path, refresh)
-
-
-def mfu(tokens_per_s, flops_per_token, peak):
-    """Model FLOPs Utilization = tokens_per_s * flops_per_token / peak (a fraction, 0.4 = 40%)."""
-    for name, value in (("tokens_per_s", tokens_per_s), ("flops_per_token", flops_per_token)):
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    if not (isinstance(peak, (int, float)) and math.isfinite(peak) and peak > 0):
-        raise ValueError(f"peak must be a finite FLOP/s > 0 (use peak_flops()), got {peak!r}")
-    return tokens_per_s * flops_per_token / peak
-
-
-def roofline(intensity, peak, bandwidth):
-    """Attainable FLOP/s at arithmetic intensity `intensity` (FLOP/byte): min(peak, I x bw)."""
-    return min(peak, intensity * bandwidth)
-
-
-def ridge_point(peak, bandwidth):
-    """The intensity (FLOP/byte) where the roofline bends: below it an op is memory-bound."""
-    return peak / bandwidth
-
-
-# Dense (no sparsity) datasheet peaks in FLOP/s, for REFERENCE next to the measured peak only.
-# Order matters: the first name contained in the device name wins ("A100" before "A10").
-VENDOR_PEAKS = [  # (name, fp32 non-tensor, bf16/fp16 tensor core)
-    ("H200", 67e12, 989e12), ("H100 PCIe", 51e12, 756e12), ("H100", 67e12, 989e12),
-    ("A100", 19.5e12, 312e12), ("A10G", 31.2e12, 70e12), ("A10", 31.2e12, 125e12),
-    ("L40S", 91.6e12, 362e12), ("L4", 30.3e12, 121e12), ("V100", 15.7e12, 125e12),
-    ("T4", 8.1e12, 65e12), ("RTX 4090", 82.6e12, 165e12), ("RTX 3090", 35.6e12, 71e12),
-]
-
-
-def vendor_peak_flops(name, dtype=torch.bfloat16):
-    """The datasheet's dense peak for a CUDA device name ("NVIDIA A100-SXM4-80GB"), or None when
-    the device is not in the table: never one A100 number for every GPU."""
-    for key, fp32, half in VENDOR_PEAKS:
-        if name and key in name:
-            return fp32 if dtype == torch.float32 else half
-    return None

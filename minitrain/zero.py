@@ -175,6 +175,17 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
 
 # ---- memory accounting ----------------------------------------------------------------------
+def shard_model(model, *, units=None):
+    """ZeRO stage 3: the model's parameters sharded over the ranks, each unit (by default every
+    block of every nn.ModuleList, plus the root) all-gathered just before its forward and again
+    before its backward, and freed after each. It is `minitrain.fsdp.FSDP(model, units=units)`:
+    call the returned wrapper (not `model`), and call its `finish_gradient_synchronization()`
+    after backward. Lesson 18 teaches it."""
+    from minitrain.fsdp import FSDP  # lazy: minitrain.fsdp builds on minitrain.parallel
+
+    return FSDP(model, units=units)
+
+
 def predicted_bytes(num_params, world_size, stage, *, bytes_per_value=4, state_values=2):
     """Per-rank bytes of parameters, gradients, optimizer state (AdamW: 2 values/param)."""
     if stage not in (0, 1, 2, 3):

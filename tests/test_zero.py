@@ -217,3 +217,33 @@ def test_zero_rejects_bad_stage():
     so."""
     with pytest.raises(ValueError, match="fsdp"):
         ZeroOptimizer([nn.Parameter(torch.zeros(2))], torch.optim.AdamW, stage=3)
+
+
+def _shard_model_step(rank, world):
+    from minitrain.fsdp import FSDP
+    from minitrain.model import GPT, GPTConfig
+    from minitrain.zero import shard_model
+
+    torch.manual_seed(0)
+    plain = GPT(GPTConfig(block_size=8, n_layer=2, n_head=2, n_embd=16))
+    sharded = shard_model(copy.deepcopy(plain))
+    x = torch.randint(0, 256, (2 * world, 8), generator=torch.Generator().manual_seed(1))
+    mine = x[rank * 2:(rank + 1) * 2]
+    _, loss = sharded(mine, mine)
+    loss.backward()
+    sharded.finish_gradient_synchronization()
+    with torch.no_grad():
+        _, full_loss = plain(x, x)
+    gathered = sharded.full_state_dict()  # the parameters, gathered under their own names
+    return (isinstance(sharded, FSDP), sorted(gathered) == sorted(plain.state_dict()),
+            float(loss), float(full_loss))
+
+
+def test_shard_model_is_fsdp_and_keeps_every_parameter_name():
+    """zero.shard_model (ZeRO-3) is minitrain.fsdp.FSDP: the wrapper gathers into the original
+    parameter names (full_state_dict has exactly the plain model's keys), and the two ranks'
+    half-batch losses average to the whole batch's loss."""
+    out = launch(_shard_model_step, 2, timeout_s=120, preload=())
+    assert all(is_fsdp and same_names for is_fsdp, same_names, *_ in out)
+    mean_half = sum(r[2] for r in out) / 2
+    assert abs(mean_half - out[0][3]) < 1e-5, (mean_half, out[0][3])
