@@ -16,7 +16,7 @@ Time is then measured for each T in ONE more process (--time-round T) that runs 
 methods round-robin, --repeats rounds after one warm-up round, and takes each method's median:
 machine drift (other jobs on a shared CPU) hits all three alike, so the ratios are fair.
 
-Targets (issue 17, same-run ratios): at T=4096 flash peak extra memory <= 0.05x naive's and
+Targets (same-run ratios): at T=4096 flash peak extra memory <= 0.05x naive's and
 flash time <= 1.5x SDPA's; at T=1024 flash time <= 1.3x SDPA's. The table says whether they were
 met; a miss is reported, not hidden (--strict turns a miss into a non-zero exit).
 

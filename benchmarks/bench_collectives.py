@@ -9,7 +9,7 @@ What: for every (ranks N, size) cell, N gloo CPU processes (1 torch thread each)
 Reported: median ms, algorithm bandwidth (bytes / time) and bus bandwidth (algbw * 2(N-1)/N, the
 per-link rate, comparable across N) for both, and the ratio ring / gloo.
 
-Target (issue 17): ring <= 1.2x dist.all_reduce at every size 1-64 MB, 2 and 3 ranks (same-run
+Target (the course's): ring <= 1.2x dist.all_reduce at every size 1-64 MB, 2 and 3 ranks (same-run
 ratios). A miss is reported, not hidden; --strict turns it into a non-zero exit.
 
 Writes outputs/bench/collectives.md and outputs/bench/collectives.json.

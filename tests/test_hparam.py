@@ -241,7 +241,7 @@ def test_duplicate_configs_are_tried_once():
     assert fn.calls == 2 and len(result.summary) == 2 and len(result.trials) == 2
 
 
-# --- Robustness (issue 10 item 6): failed and diverged trials, budgets, trial folders ----------
+# --- Robustness: failed and diverged trials, budgets, trial folders ----------
 
 def flaky(config, budget):
     """x=2 is an invalid trial (raises), x=3 diverges, the others train."""

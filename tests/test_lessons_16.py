@@ -1,4 +1,4 @@
-"""The measuring helpers of lessons 23-25 (issue 16: memory, precision, compile) measure what
+"""The measuring helpers of lessons 23-25 (memory, precision, compile) measure what
 they say: the activation meter counts exactly the tensors autograd keeps, the checkpointing
 policies keep the gradients of storing, the overflow fixes equal the PyTorch built-ins, and the
 compile counter agrees with dynamo's own."""

@@ -285,7 +285,7 @@ def test_elastic_restart_after_a_dead_worker_ends_with_the_uninterrupted_losses(
     assert _losses(out) == ref
 
 
-# --- issue 16: --optimizer, --schedule, --batch-warmup-steps ---------------------------------
+# --- large batches and schedules: --optimizer, --schedule, --batch-warmup-steps
 
 @pytest.mark.lesson26
 @pytest.mark.parametrize("name", ["adamw", "lamb", "lars"])
@@ -383,7 +383,7 @@ def test_batch_warmup_ramps_micro_batches_and_the_schedule_counts_steps(data_bin
     assert ramp.losses[0] == one.losses[0] and ramp.lrs == one.lrs
 
 
-# --- issue 13: fp16 with sharded gradients (ZeRO-2, FSDP) -------------------------------------
+# --- fp16 with sharded gradients (ZeRO-2, FSDP) -------------------------------------
 
 def _rank_fp16_inf_on_rank1(rank, world, cfg, at_step):
     """fp16 run; with at_step set, rank 1 alone finds an inf in its gradient part at at_step."""
