@@ -50,7 +50,7 @@ import time
 import matplotlib.pyplot as plt
 
 from benchmarks.ladder_runner import prepare_data, train_rung
-from minitrain.bench import proc_status_bytes
+from minitrain.bench import peak_extra_bytes
 from minitrain.distributed_utils import launch
 from minitrain.ladder import default_base, get_rung
 from minitrain.style import BACKGROUND, GOLD, MUTED, NAVY, PANEL, RED, outputs_dir
@@ -78,11 +78,12 @@ DDP_ROW = ("D", "DDP, 2 processes", "6",
            {"batch_size": B // 4, "accum_steps": 2, "activation_checkpointing": True}, True)
 
 
-def _peak_reset():
-    rss = proc_status_bytes("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # VmHWM := VmRSS now: this process's peak from here on is its own
-    return rss
+def _with_own_peak(train_fn):
+    """train_fn()'s summary plus the peak memory this process added while it ran
+    (minitrain.bench.peak_extra_bytes: the high-water mark is reset first)."""
+    out = {}
+    extra, _how = peak_extra_bytes(lambda: out.update(train_fn()))
+    return {**out, "peak_extra_bytes": extra}
 
 
 def _row_worker(queue, rung_key, base, out_dir, threads):
@@ -90,9 +91,8 @@ def _row_worker(queue, rung_key, base, out_dir, threads):
 
     torch.set_num_threads(threads)
     try:
-        rss0 = _peak_reset()
-        summary = train_rung(rung_key, base, out_dir=out_dir, warmup=WARMUP)
-        summary["peak_extra_bytes"] = proc_status_bytes("VmHWM") - rss0
+        summary = _with_own_peak(lambda: train_rung(rung_key, base, out_dir=out_dir,
+                                                    warmup=WARMUP))
         queue.put(("ok", summary))
     except BaseException as err:  # the parent prints it; a row never hangs the lesson
         queue.put(("error", f"{type(err).__name__}: {err}"))
@@ -120,14 +120,15 @@ def _ddp_rank(rank, world, rung_key, base, out_dir):
     from minitrain.ladder import rung_overrides
     from minitrain.train import TrainConfig, train
 
-    rss0 = _peak_reset()
     if rank == 0:  # rank 0 alone writes metrics.jsonl: it summarizes
-        summary = train_rung(rung_key, base, out_dir=out_dir, warmup=WARMUP)
-    else:
-        train(TrainConfig(**{**rung_overrides(rung_key, base), "out_dir": str(out_dir)}))
-        summary = {}
-    summary["peak_extra_bytes"] = proc_status_bytes("VmHWM") - rss0
-    return summary
+        return _with_own_peak(lambda: train_rung(rung_key, base, out_dir=out_dir, warmup=WARMUP))
+    cfg = TrainConfig(**{**rung_overrides(rung_key, base), "out_dir": str(out_dir)})
+
+    def train_other_rank():
+        train(cfg)
+        return {}  # ranks > 0 only report their peak
+
+    return _with_own_peak(train_other_rank)
 
 
 def validate_row(row, ref_loss):
