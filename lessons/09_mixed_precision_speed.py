@@ -142,9 +142,12 @@ def main():
     for name in ("bf16", "fp16"):
         rel = abs(rows[name][2] - rows["fp32"][2]) / rows["fp32"][2]
         assert rel < 0.02, f"{name} loss differs from fp32 by {rel:.1%} after {TRAIN_STEPS} steps"
-    # ...and bf16 matmul speed follows the hardware: native units => clearly faster.
+    # ...and bf16 matmul speed follows the hardware: native units => clearly faster, i.e. by more
+    # than the ~10% that repeated timings here vary by. (How much faster depends on the thread
+    # count and the size: 1.35x at n=1024 with 2 threads on the course machine, several times at
+    # n=512 with 1 thread in lesson 17's peak measurement.)
     if {"amx_bf16", "avx512_bf16"} & flags:
-        assert rows["bf16"][0] > 1.5 * rows["fp32"][0], "bf16 units present but matmul not faster"
+        assert rows["bf16"][0] > 1.2 * rows["fp32"][0], "bf16 units present but matmul not faster"
 
 
 if __name__ == "__main__":
