@@ -41,7 +41,7 @@ from minitrain.style import BACKGROUND, GOLD, MUTED, NAVY, PANEL, outputs_dir
 
 SEQ, BATCH, STEPS = 64, 16, 24
 MODEL = dict(block_size=SEQ, n_layer=2, n_head=2, n_embd=32)
-STARVE = 2.0  # the slow tokenizer is calibrated to cost ~STARVE x the compute of one step
+STARVE = 3.0  # the slow tokenizer is calibrated to cost ~STARVE x the compute of one step
 
 
 class OnTheFlyText(Dataset):

@@ -12,13 +12,14 @@ the only difference is the lr the optimizer was handed:
   inverse sqrt    a LambdaSchedule: linear warmup then 1/sqrt(step) (the original Transformer's)
 Every schedule here is proven equal to its torch scheduler in tests/test_schedules_compared.py.
 
-What the measurements say (and the lesson asserts): with a peak lr this high, the schedules
-that WARM UP (warmup+cosine, one-cycle, inverse sqrt) end clearly below the constant lr; the two
-that start at the peak (step decay, plateau) pay for their first steps at full lr and are not
-reliably better than constant here: warmup matters more than the shape of the decay. The plateau
-rule cuts the lr only after it sees the loss stall, so it reacts late in a short run. The
-ranking among the warmup schedules is within run-to-run noise at this size: read it, do not
-over-read it.
+What the measurements say: at this size and budget the schedules' final losses differ by less
+than their run-to-run spread. Two runs of this lesson that differed only in the thread count (1
+vs 2 threads, which changes the float rounding of every matmul) gave constant 3.38 / 2.97 and
+warmup+cosine 3.08 / 3.07: the ranking of the two flipped. So read the table as lesson 07
+teaches -- a single run ranks nothing -- and the lesson asserts only what does not depend on
+noise: each schedule handed the optimizer the lrs its formula says (one-cycle starts at peak/25
+and reaches the peak; the plateau rule cut the lr once the held-out loss stalled). To rank
+schedules, repeat each over several seeds and compare the spread (minitrain.hparam does that).
 
 Serves: notebook 002 section 1 (LambdaLR, OneCycleLR, ReduceLROnPlateau, StepLR, cosine);
 Module 8 deck M8-LAB-01 / M8-LAB-APP-A (scheduler-enhanced loop); syllabus 16-06 (warmup schedules).
@@ -134,9 +135,10 @@ def main():
     print(f"figure: {out / 'schedules_compared.png'}")
 
     # The lesson's claims, on these runs.
-    constant_val = runs["constant"][2]
-    for name in ("warmup+cosine", "one-cycle", "inverse sqrt"):
-        assert runs[name][2] < constant_val, f"{name} (with warmup) should end below constant"
+    for name in NAMES:
+        assert math.isfinite(runs[name][2]), f"{name} ended with a non-finite validation loss"
+    assert runs["warmup+cosine"][0][0] == PEAK / WARMUP and math.isclose(
+        runs["warmup+cosine"][0][-1], PEAK / 10, rel_tol=0.05), "warmup+cosine: peak/W -> peak/10"
     assert runs["plateau"][0][-1] < PEAK, "the plateau rule should have cut the lr at least once"
     assert math.isclose(runs["one-cycle"][0][0], PEAK / 25) and \
         math.isclose(max(runs["one-cycle"][0]), PEAK), "one-cycle: start at peak/25, reach peak"
