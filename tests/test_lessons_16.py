@@ -2,8 +2,6 @@
 they say: the activation meter counts exactly the tensors autograd keeps, the checkpointing
 policies keep the gradients of storing, the overflow fixes equal the PyTorch built-ins, and the
 compile counter agrees with dynamo's own."""
-import importlib.util
-import pathlib
 
 import pytest
 import torch
@@ -15,19 +13,10 @@ from torch.nn.functional import softmax as torch_softmax
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from tests.strategies import gpt_shapes, seeds
+from tests.lesson_modules import load_lesson
 
-LESSONS = pathlib.Path(__file__).resolve().parents[1] / "lessons"
-
-
-def _lesson(filename):
-    spec = importlib.util.spec_from_file_location(filename[:-3], LESSONS / filename)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-L23 = _lesson("23_memory_anatomy.py")
-L24 = _lesson("24_precision_in_depth.py")
+L23 = load_lesson("23_memory_anatomy.py")
+L24 = load_lesson("24_precision_in_depth.py")
 
 
 def _sizes(shape):
@@ -202,7 +191,7 @@ def test_compile_counter_agrees_with_dynamo():
     static shapes recompile for every new sequence length, automatic dynamic only once."""
     from torch._dynamo.utils import counters
 
-    l25 = _lesson("25_compile_modes.py")
+    l25 = load_lesson("25_compile_modes.py")
     l25.SEQ_LENS = (4, 8, 12)
     torch.manual_seed(0)
     gpt = l25.GPT(l25.GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=12)).eval()

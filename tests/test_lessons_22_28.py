@@ -2,28 +2,17 @@
 they say: the effective-batch check reads the trainer's real log line and cannot confuse one
 world size with another; a capstone row is valid exactly when its step-0 loss is within the
 precision-aware tolerance of row 0's."""
-import importlib.util
 import math
-import pathlib
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minitrain.train import format_log_line
+from tests.lesson_modules import load_lesson
 
-LESSONS = pathlib.Path(__file__).resolve().parents[1] / "lessons"
-
-
-def _lesson(filename):
-    spec = importlib.util.spec_from_file_location(filename[:-3], LESSONS / filename)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-L22 = _lesson("22_ddp_in_practice.py")
-L28 = _lesson("28_capstone_pipeline.py")
+L22 = load_lesson("22_ddp_in_practice.py")
+L28 = load_lesson("28_capstone_pipeline.py")
 
 
 @pytest.mark.lesson22
