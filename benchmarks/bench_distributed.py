@@ -17,15 +17,13 @@ timing target is reported, not hidden, and does not change the exit status.
 """
 import argparse
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
 import torch.distributed as dist
 
 from benchmarks.experiments import compare_ddp_modes, train_with_stage
-from benchmarks.harness import machine_metadata, write_report
+from benchmarks.harness import run_metadata, write_report
 from minitrain.collectives import ring_all_reduce
 from minitrain.distributed_utils import launch
 from minitrain.style import outputs_dir
@@ -138,14 +136,8 @@ def main(argv=None):
         ("ZeRO-1 optimizer-state bytes per rank within 10% of total/N (worst rank)",
          worst_zero1, 0.10),
     ]
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
-    meta = {**machine_metadata(), "commit": commit, "command": " ".join([sys.executable] +
-                                                                        sys.argv),
-            "wall_s": time.perf_counter() - t0}
+    meta = run_metadata(t0)
+    commit = meta["commit"]
     lines = ["# Distributed benchmark (gloo, CPU processes)", "",
              f"Machine: {meta['cpu']} ({meta['cpu_count']} cores, shared), torch {meta['torch']},"
              f" 1 thread per rank; commit {commit}; `python benchmarks/bench_distributed.py`.",

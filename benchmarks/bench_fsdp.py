@@ -17,8 +17,6 @@ not hidden, and does not change the exit status.
 import argparse
 import copy
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
@@ -26,7 +24,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard as torch_fully_shard
 from torch.nn.parallel import DistributedDataParallel as TorchDDP
 
-from benchmarks.harness import machine_metadata, write_report
+from benchmarks.harness import run_metadata, write_report
 from minitrain.distributed_utils import launch
 from minitrain.fsdp import FSDP
 from minitrain.model import GPT, GPTConfig
@@ -138,13 +136,8 @@ def main(argv=None):
     formula = {"torch_ddp": 16 * num_params}
     formula.update({v: 16 * num_params / world for v in VARIANTS[1:]})
     ratio = by["fsdp"]["median_ms"] / by["fully_shard"]["median_ms"]
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
-    meta = {**machine_metadata(), "commit": commit,
-            "command": " ".join([sys.executable] + sys.argv), "wall_s": time.perf_counter() - t0}
+    meta = run_metadata(t0)
+    commit = meta["commit"]
     lines = [f"# FSDP benchmark (gloo, {world} CPU processes, 1 thread each)", "",
              f"Machine: {meta['cpu']} ({meta['cpu_count']} cores, shared), torch {meta['torch']};"
              f" commit {commit}; `python benchmarks/bench_fsdp.py"

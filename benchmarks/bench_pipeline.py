@@ -17,15 +17,13 @@ a validation fails (a wrong result never gets a time); a missed target is report
 import argparse
 import copy
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from benchmarks.harness import machine_metadata, write_report
+from benchmarks.harness import run_metadata, write_report
 from minitrain.bench import measure
 from minitrain.distributed_utils import launch
 from minitrain.model import GPT, GPTConfig
@@ -180,13 +178,8 @@ def main(argv=None):
     targets = [(f"minitrain {s} / torch {'ScheduleGPipe' if s == 'gpipe' else 'Schedule1F1B'},"
                 f" m={m}", by[(s, m, "minitrain")]["median_ms"] / by[(s, m, "torch")]["median_ms"],
                 1.3) for s in ("gpipe", "1f1b") for m in N_MICROS]
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
-    meta = {**machine_metadata(), "commit": commit,
-            "command": " ".join([sys.executable] + sys.argv), "wall_s": time.perf_counter() - t0}
+    meta = run_metadata(t0)
+    commit = meta["commit"]
     lines = ["# Pipeline benchmark (2 gloo ranks, CPU)", "",
              f"Machine: {meta['cpu']} ({meta['cpu_count']} cores, shared), torch {meta['torch']},"
              f" 1 thread per rank; commit {commit}; tiny GPT {size}; {iters} timed steps after "

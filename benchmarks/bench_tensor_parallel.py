@@ -16,14 +16,12 @@ validation fails (a wrong result never gets a time); a missed target is reported
 import argparse
 import copy
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
 import torch.distributed as dist
 
-from benchmarks.harness import machine_metadata, write_report
+from benchmarks.harness import run_metadata, write_report
 from minitrain.distributed_utils import launch
 from minitrain.model import GPT, GPTConfig
 from minitrain.style import outputs_dir
@@ -108,13 +106,8 @@ def main(argv=None):
     rows = bench(size, warmup, iters)
     by = {r["impl"]: r for r in rows}
     ratio = by["minitrain"]["median_ms"] / by["torch"]["median_ms"]
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
-    meta = {**machine_metadata(), "commit": commit,
-            "command": " ".join([sys.executable] + sys.argv), "wall_s": time.perf_counter() - t0}
+    meta = run_metadata(t0)
+    commit = meta["commit"]
     comm = comm_bytes_per_rank(batch=size["batch"], seq_len=size["seq_len"],
                                n_embd=size["n_embd"], n_layer=size["n_layer"], world=WORLD)
     lines = ["# Tensor-parallel benchmark (TP=2, 2 gloo ranks, CPU)", "",

@@ -16,6 +16,9 @@ import json
 import os
 import pathlib
 import platform
+import subprocess
+import sys
+import time
 
 import torch
 
@@ -46,6 +49,19 @@ def machine_metadata(dtype="float32"):
         "cuda": torch.cuda.is_available(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
+
+
+def run_metadata(t_start):
+    """machine_metadata() plus what identifies this run: the git commit (short hash, "unknown"
+    outside a checkout), the command line and the wall time since `t_start` (perf_counter)."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    return {**machine_metadata(), "commit": commit,
+            "command": " ".join([sys.executable] + sys.argv),
+            "wall_s": time.perf_counter() - t_start}
 
 
 def write_report(out_dir, name, markdown, record):
