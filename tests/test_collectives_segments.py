@@ -1,6 +1,6 @@
 """minitrain's pipelined ring: results do not depend on the segment size it sends in.
 
-The ring collectives cut each chunk into `segment_bytes` pieces (1 MiB by default) so that the
+The ring collectives cut each chunk into `segment_bytes` pieces (4 MiB by default) so that the
 next send starts while the previous piece is still being added. The exercise tests
 (tests/test_collectives.py) use sizes that fit in one default segment, so this file forces tiny
 segments (4 to 40 bytes: many segments, a partial last one, staging buffers reused) and checks
