@@ -103,16 +103,18 @@ def run_cell(method, T, device, repeats):
                       "device": str(device)}))
 
 
-def time_round_robin(T, device, repeats):
-    """All methods at one T in this process, interleaved: one warm-up round, then `repeats`
-    rounds of naive, flash, sdpa; prints each method's times as one JSON line."""
+def time_round_robin(T, device, repeats, seconds=0.0):
+    """All methods at one T in this process, interleaved: one warm-up round, then rounds of
+    naive, flash, sdpa until at least `repeats` rounds and `seconds` of timing are done; prints
+    each method's times as one JSON line (times[m][i] is method m in round i)."""
     gen = torch.Generator().manual_seed(T)
     shape = (BATCH, HEADS, T, HEAD_DIM)
     q, k, v = (torch.randn(shape, generator=gen).to(device).requires_grad_() for _ in range(3))
     grad_out = torch.randn(shape, generator=gen).to(device)
     fns = {m: attention_fn(m) for m in METHODS}
     times = {m: [] for m in METHODS}
-    for i in range(repeats + 1):
+    i, deadline = 0, None
+    while i <= repeats or time.perf_counter() < deadline:  # round 0 is the warm-up
         for method, fn in fns.items():
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -122,6 +124,9 @@ def time_round_robin(T, device, repeats):
                 torch.cuda.synchronize()
             if i > 0:
                 times[method].append(time.perf_counter() - t0)
+        if i == 0:
+            deadline = time.perf_counter() + seconds
+        i += 1
     print(json.dumps({"T": T, "times_s": times}))
 
 
@@ -136,16 +141,20 @@ def _run(args, timeout_s):
     return json.loads(lines[-1])
 
 
-def run_all(seq_lens, repeats, threads, device, timeout_s):
+def run_all(seq_lens, repeats, seconds, threads, device, timeout_s):
     cells = []
     common = ["--threads", threads, "--device", device]
     for T in seq_lens:
         for method in METHODS:  # memory + validation: a fresh process per cell
             cells.append(_run(["--cell", method, T, *common], timeout_s))
-        timing = _run(["--time-round", T, "--repeats", repeats, *common], timeout_s)
+        timing = _run(["--time-round", T, "--repeats", repeats, "--seconds", seconds, *common],
+                      timeout_s)
+        sdpa_times = timing["times_s"]["sdpa"]
         for cell in cells[-len(METHODS):]:
             cell["times_s"] = timing["times_s"][cell["method"]]
             cell["median_s"] = statistics.median(cell["times_s"])
+            # the ratio: per round (same moment of the machine), then the median over rounds
+            cell["vs_sdpa"] = statistics.median(a / b for a, b in zip(cell["times_s"], sdpa_times))
             print(f"  T={T:5d} {cell['method']:6s} valid (max |err| {cell['max_abs_err']:.1e})  "
                   f"{cell['median_s'] * 1e3:9.1f} ms  peak extra {cell['peak_bytes'] / 2**20:8.1f} MiB",
                   flush=True)
@@ -156,7 +165,7 @@ def summarize(cells, seq_lens):
     by = {(c["method"], c["T"]): c for c in cells}
     T = max(seq_lens)
     memory_ratio = by[("flash", T)]["peak_bytes"] / by[("naive", T)]["peak_bytes"]
-    time_ratios = {t: by[("flash", t)]["median_s"] / by[("sdpa", t)]["median_s"]
+    time_ratios = {t: by[("flash", t)]["vs_sdpa"]
                    for t in sorted(TARGET_TIME_RATIOS) if ("flash", t) in by}
     targets = [(f"flash peak extra memory / naive's, T={T}", memory_ratio, TARGET_MEMORY_RATIO)]
     targets += [(f"flash time / SDPA's, T={t}", r, TARGET_TIME_RATIOS[t]) for t, r in time_ratios.items()]
@@ -175,7 +184,9 @@ def render_markdown(cells, summary, meta, command):
              f"block {FLASH_BLOCK}, device {device}, {cells[0]['threads']} torch thread(s) per cell. "
              f"Memory and validation: a fresh process per cell, its result checked against SDPA "
              f"before any time is taken. Time: per T one process running the three methods "
-             f"round-robin, median of {len(cells[0]['times_s'])} rounds. Peak extra memory: "
+             f"round-robin (at least {min(len(c['times_s']) for c in cells)} rounds, more at short T "
+             f"within a time budget); time = median over rounds, vs SDPA = median over rounds of "
+             f"the ratio within the round. Peak extra memory: "
              f"{cells[0]['memory_how']} around the first full-size pass.", "",
              f"Machine: {meta['cpu']} ({meta['cpu_count']} cores), GPU: {meta['gpu'] or 'none'}, "
              f"torch {meta['torch']}. Command: `{command}`. Shared, noisy machine: compare ratios "
@@ -187,7 +198,7 @@ def render_markdown(cells, summary, meta, command):
             c = by[(m, T)]
             lines.append(
                 f"| {T} | {m} | {c['median_s'] * 1e3:.1f} | "
-                f"{c['median_s'] / by[('sdpa', T)]['median_s']:.2f}x | {c['peak_bytes'] / 2**20:.1f} | "
+                f"{c['vs_sdpa']:.2f}x | {c['peak_bytes'] / 2**20:.1f} | "
                 f"{c['peak_bytes'] / by[('naive', T)]['peak_bytes']:.3f}x | {c['max_abs_err']:.1e} |")
     lines += ["", "## Targets", ""]
     lines += [f"- {t['name']} = {t['value']:.3f} (target <= {t['limit']:.2f}): "
@@ -203,7 +214,9 @@ def render_markdown(cells, summary, meta, command):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[512, 1024, 2048, 4096])
-    parser.add_argument("--repeats", type=int, default=5, help="timed passes per cell (median)")
+    parser.add_argument("--repeats", type=int, default=5, help="at least this many timed rounds")
+    parser.add_argument("--seconds", type=float, default=6.0,
+                        help="time budget per T: rounds continue until it is spent")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads per cell (default 1: steadier on a shared 2-core CPU)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda")
@@ -217,11 +230,12 @@ def main(argv=None):
     parser.add_argument("--time-round", type=int, metavar="T", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
-        args.seq_lens, args.repeats = [128, 256], 2
+        args.seq_lens, args.repeats, args.seconds = [128, 256], 2, 0.0
     if args.out_dir is None:
         args.out_dir = outputs_dir("bench")
-    if args.repeats < 1 or args.threads < 1 or min(args.seq_lens) < 1:
-        parser.error("--repeats, --threads and every --seq-lens value must be >= 1")
+    if args.repeats < 1 or args.threads < 1 or min(args.seq_lens) < 1 or args.seconds < 0:
+        parser.error("--repeats, --threads and every --seq-lens value must be >= 1, "
+                     "--seconds >= 0")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device not in ("cpu", "cuda"):
@@ -234,13 +248,14 @@ def main(argv=None):
         run_cell(method, int(T), torch.device(args.device), args.repeats)
         return 0
     if args.time_round:
-        time_round_robin(args.time_round, torch.device(args.device), args.repeats)
+        time_round_robin(args.time_round, torch.device(args.device), args.repeats, args.seconds)
         return 0
     command = "python benchmarks/bench_attention.py" + (" " + " ".join(argv or sys.argv[1:])).rstrip()
     print(f"attention bench: B={BATCH} H={HEADS} D={HEAD_DIM} causal float32 on {args.device}, "
           f"fresh process per cell")
     t0 = time.perf_counter()
-    cells = run_all(sorted(args.seq_lens), args.repeats, args.threads, args.device, args.timeout)
+    cells = run_all(sorted(args.seq_lens), args.repeats, args.seconds, args.threads, args.device,
+                    args.timeout)
     summary = summarize(cells, args.seq_lens)
     meta = machine_metadata(dtype="float32")
     markdown = render_markdown(cells, summary, meta, command)

@@ -32,8 +32,11 @@ of Python and dispatch, so the tile count decides the overhead: block 64 at T=40
 product and as few passes over the (bq, bk) tile as possible:
   - only the diagonal tile needs the causal mask (tiles left of it are fully visible, tiles
     right of it are skipped), and its mask is one precomputed (block, block) -inf triangle;
-  - shifts are folded into the matmul: backward computes s - L and dP - D as
-    baddbmm(-L, Q, K^T) and baddbmm(-D, dO, V^T), instead of a matmul and then a subtraction;
+  - the scale and the shifts are folded into the matmul: backward computes s - L and dP - D as
+    baddbmm(-L, Q, K^T, alpha=scale) and baddbmm(-D, dO, V^T), instead of a matmul and then a
+    subtraction (and no scaled copy of Q is made: dK is scaled once per key tile at the end);
+  - the first tile of each loop writes instead of adding: forward's first key tile sets m, l
+    and acc (nothing to rescale yet), backward's first query tile sets dK and dV (no zeros);
   - block 128 (not 64): big enough to amortize the per-op cost, small enough that a tile
     (4 heads x 128 x 128 fp32 = 256 KiB) stays in cache through its ~10 passes.
 Batching all query tiles of one key block into one (N, T, bk) slab (fewer, larger ops) was
@@ -117,18 +120,20 @@ def _diagonal_bias(causal, block_size, device, dtype):
     return torch.full((block_size, block_size), float("-inf"), device=device, dtype=dtype).triu_(1)
 
 
-def _tile_scores(q_tile_scaled, k_tile, shift, diag_bias, on_diagonal):
-    """shift + q_tile_scaled k_tile^T (+ the causal mask on a diagonal tile), (N, bq, bk).
+def _tile_scores(q_tile, k_tile, scale, shift, diag_bias, on_diagonal):
+    """shift + scale * q_tile k_tile^T (+ the causal mask on a diagonal tile), (N, bq, bk).
 
-    One baddbmm: the shift (a (N, bq, 1) column, or 0) and the mask are folded into the
-    matmul's output initialisation, so no extra pass over the tile is spent on them.
+    One baddbmm: the scale is the matmul's alpha, and the shift (a (N, bq, 1) column, or None)
+    and the mask are folded into the matmul's output initialisation, so no extra pass over the
+    tile is spent on any of them.
     """
-    bq, bk = q_tile_scaled.size(-2), k_tile.size(-2)
+    bq, bk = q_tile.size(-2), k_tile.size(-2)
     if on_diagonal:
-        shift = diag_bias[:bq, :bk] + shift  # (N, bq, bk) or (bq, bk)
-    elif not isinstance(shift, torch.Tensor):
-        return torch.bmm(q_tile_scaled, k_tile.transpose(-2, -1))
-    return torch.baddbmm(shift, q_tile_scaled, k_tile.transpose(-2, -1))
+        shift = diag_bias[:bq, :bk] if shift is None else diag_bias[:bq, :bk] + shift
+    if shift is None:  # beta=0: the input is ignored, only its (broadcast) shape matters
+        return torch.baddbmm(q_tile.new_zeros(1, 1, 1), q_tile, k_tile.transpose(-2, -1),
+                             beta=0, alpha=scale)
+    return torch.baddbmm(shift, q_tile, k_tile.transpose(-2, -1), alpha=scale)
 
 
 def _flash_forward(q, k, v, causal, scale, block_size, trace=None):
@@ -137,30 +142,37 @@ def _flash_forward(q, k, v, causal, scale, block_size, trace=None):
     Tk, Dv = k.size(1), v.size(2)
     out = q.new_empty(N, Tq, Dv)
     lse = q.new_empty(N, Tq)
-    q_scaled = q * scale  # (N, Tq, D)
     diag_bias = _diagonal_bias(causal, block_size, q.device, q.dtype)
     for q_start in range(0, Tq, block_size):
         q_end = min(q_start + block_size, Tq)
-        q_tile = q_scaled[:, q_start:q_end]  # (N, bq, D)
-        m = q.new_full((N, q_end - q_start), float("-inf"))  # running max      (N, bq)
-        l = q.new_zeros(N, q_end - q_start)  # running sum of exp(s - m)         (N, bq)
-        acc = q.new_zeros(N, q_end - q_start, Dv)  # running sum of exp(s - m) v (N, bq, Dv)
+        q_tile = q[:, q_start:q_end]  # (N, bq, D)
         # Causal: key tiles that start after this tile's last query are all masked -> skipped.
         k_stop = min(Tk, q_end) if causal else Tk
+        m = l = acc = None  # running max (N, bq), sum of exp(s - m) (N, bq), sum of exp(s - m) v
         for k_start in range(0, k_stop, block_size):
             k_end = min(k_start + block_size, Tk)
             on_diagonal = causal and k_start == q_start  # the only tile that needs the mask
-            s = _tile_scores(q_tile, k[:, k_start:k_end], 0.0, diag_bias, on_diagonal)
-            # m_new is finite: every row sees key 0 in its first tile (top-left causal), so the
-            # classic exp(-inf - -inf) = nan cannot happen here (finite inputs).
-            m_new = torch.maximum(m, s.amax(dim=-1))  # (N, bq)
-            p = s.sub_(m_new[..., None]).exp_()  # exp(s - m_new), in place, (N, bq, bk)
-            rescale = torch.exp(m - m_new)  # (N, bq): shrinks what was summed under the old max
-            l.mul_(rescale).add_(p.sum(dim=-1))  # l = l * rescale + rowsum(p)
-            acc.mul_(rescale[..., None]).baddbmm_(p, v[:, k_start:k_end])  # acc*rescale + p v
-            m = m_new
+            s = _tile_scores(q_tile, k[:, k_start:k_end], scale, None, diag_bias, on_diagonal)
+            if m is None:  # the first key tile: nothing to rescale yet
+                m = s.amax(dim=-1)  # (N, bq)
+                p = s.sub_(m[..., None]).exp_()
+                l = p.sum(dim=-1)
+                acc = torch.bmm(p, v[:, k_start:k_end])  # (N, bq, Dv)
+            else:
+                # m_new is finite: every row sees key 0 in its first tile (top-left causal), so
+                # the classic exp(-inf - -inf) = nan cannot happen here (finite inputs).
+                m_new = torch.maximum(m, s.amax(dim=-1))  # (N, bq)
+                p = s.sub_(m_new[..., None]).exp_()  # exp(s - m_new), in place, (N, bq, bk)
+                rescale = torch.exp(m - m_new)  # (N, bq): shrinks what was summed under the old max
+                l.mul_(rescale).add_(p.sum(dim=-1))  # l = l * rescale + rowsum(p)
+                acc.mul_(rescale[..., None]).baddbmm_(p, v[:, k_start:k_end])  # acc*rescale + p v
+                m = m_new
             if trace is not None:
                 trace(q_start, q_end, k_start, k_end, m.clone(), l.clone())
+        if m is None:  # Tk == 0: no key at all
+            m = q.new_full((N, q_end - q_start), float("-inf"))
+            l = q.new_zeros(N, q_end - q_start)
+            acc = q.new_zeros(N, q_end - q_start, Dv)
         # l == 0 only when there is no key at all (Tk == 0): output 0 and L = -inf, as SDPA.
         l_safe = torch.where(l == 0, torch.ones_like(l), l)
         out[:, q_start:q_end] = acc / l_safe[..., None]
@@ -172,30 +184,36 @@ def _flash_backward(q, k, v, out, lse, d_out, causal, scale, block_size):
     """FlashAttention-2 backward: outer loop over key tiles, inner over query tiles."""
     N, Tq, _ = q.shape
     Tk = k.size(1)
-    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    dq, dk, dv = torch.zeros_like(q), torch.empty_like(k), torch.empty_like(v)  # dq accumulates
     delta = (d_out * out).sum(dim=-1)  # D_i = rowsum(dO * O), (N, Tq)
-    q_scaled = q * scale  # (N, Tq, D)
     neg_lse, neg_delta = -lse[..., None], -delta[..., None]  # (N, Tq, 1) shifts for baddbmm
     diag_bias = _diagonal_bias(causal, block_size, q.device, q.dtype)
     for k_start in range(0, Tk, block_size):
         k_end = min(k_start + block_size, Tk)
         k_tile, v_tile = k[:, k_start:k_end], v[:, k_start:k_end]  # (N, bk, D), (N, bk, Dv)
-        dk_tile, dv_tile = torch.zeros_like(k_tile), torch.zeros_like(v_tile)
+        dk_tile = dv_tile = None  # (N, bk, D), (N, bk, Dv): set by the first query tile
         # Causal: query tiles whose last row is above this key tile's first column are skipped.
         q_first = k_start if causal else 0
         for q_start in range(q_first, Tq, block_size):
             q_end = min(q_start + block_size, Tq)
-            q_tile, do_tile = q_scaled[:, q_start:q_end], d_out[:, q_start:q_end]  # (N, bq, D|Dv)
+            q_tile, do_tile = q[:, q_start:q_end], d_out[:, q_start:q_end]  # (N, bq, D|Dv)
             on_diagonal = causal and q_start == k_start
-            p = _tile_scores(q_tile, k_tile, neg_lse[:, q_start:q_end], diag_bias, on_diagonal)
+            p = _tile_scores(q_tile, k_tile, scale, neg_lse[:, q_start:q_end], diag_bias, on_diagonal)
             p.exp_()  # P = exp(s - L), recomputed, (N, bq, bk)
-            dv_tile.baddbmm_(p.transpose(-2, -1), do_tile)  # dV += P^T dO, (N, bk, Dv)
             # dS = P * (dP - D) with dP = dO V^T: the -D shift rides in the matmul, (N, bq, bk)
             dp_minus_d = torch.baddbmm(neg_delta[:, q_start:q_end], do_tile, v_tile.transpose(-2, -1))
             ds = dp_minus_d.mul_(p)
             dq[:, q_start:q_end].baddbmm_(ds, k_tile, alpha=scale)  # dQ += scale * dS K
-            dk_tile.baddbmm_(ds.transpose(-2, -1), q_tile)  # dK += dS^T (scale * Q)
-        dk[:, k_start:k_end] = dk_tile
+            if dv_tile is None:  # the first query tile writes, the later ones add
+                dv_tile = torch.bmm(p.transpose(-2, -1), do_tile)  # dV = P^T dO, (N, bk, Dv)
+                dk_tile = torch.bmm(ds.transpose(-2, -1), q_tile)  # dK = dS^T (scale * Q)
+            else:
+                dv_tile.baddbmm_(p.transpose(-2, -1), do_tile)  # dV += P^T dO
+                dk_tile.baddbmm_(ds.transpose(-2, -1), q_tile)  # dK += dS^T (scale * Q)
+        if dv_tile is None:  # no query sees this key tile (Tq == 0, or causal with Tq <= k_start)
+            dk[:, k_start:k_end], dv[:, k_start:k_end] = 0.0, 0.0
+            continue
+        dk[:, k_start:k_end] = dk_tile.mul_(scale)
         dv[:, k_start:k_end] = dv_tile
     return dq, dk, dv
 

@@ -64,6 +64,21 @@ def test_flash_equals_sdpa(problem, block_size):
     assert_matches_sdpa(fn, q, k, v, grad_out, is_causal=causal, scale=scale)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_flash_is_stable_when_scores_are_huge(causal):
+    """Scores in the thousands overflow exp() unless every tile subtracts its running max (the
+    first tile included): flash must stay finite and equal SDPA, which is stable."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 37, 8, generator=gen, dtype=torch.float64).requires_grad_()
+               for _ in range(3))
+    grad_out = torch.randn(2, 37, 8, generator=gen, dtype=torch.float64)
+    scale = 1e3  # |q . k| ~ 3, times 1e3: exp(3000) = inf even in float64
+    fn = lambda a, b, c: flash_attention(a, b, c, causal=causal, scale=scale, block_size=8)
+    out, grads = output_and_grads(fn, q, k, v, grad_out)
+    assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads)
+    assert_matches_sdpa(fn, q, k, v, grad_out, is_causal=causal, scale=scale)
+
+
 @given(attention_problems())
 def test_naive_equals_sdpa(problem):
     """naive_attention's output and gradients equal SDPA's, causal or not, any scale."""
