@@ -105,8 +105,9 @@ def run_cell(method, T, device, repeats):
 
 def time_round_robin(T, device, repeats, seconds=0.0):
     """All methods at one T in this process, interleaved: one warm-up round, then rounds of
-    naive, flash, sdpa until at least `repeats` rounds and `seconds` of timing are done; prints
-    each method's times as one JSON line (times[m][i] is method m in round i)."""
+    naive, flash, sdpa (rotating who goes first) until at least `repeats` rounds and `seconds`
+    of timing are done; prints each method's times as one JSON line (times[m][i] is method m
+    in round i)."""
     gen = torch.Generator().manual_seed(T)
     shape = (BATCH, HEADS, T, HEAD_DIM)
     q, k, v = (torch.randn(shape, generator=gen).to(device).requires_grad_() for _ in range(3))
@@ -115,7 +116,11 @@ def time_round_robin(T, device, repeats, seconds=0.0):
     times = {m: [] for m in METHODS}
     i, deadline = 0, None
     while i <= repeats or time.perf_counter() < deadline:  # round 0 is the warm-up
-        for method, fn in fns.items():
+        # rotate who goes first: at T=4096 naive's 1.5 GB pass leaves the caches (and freed
+        # pages) cold for whoever runs next, so that seat is shared out evenly
+        order = METHODS[i % len(METHODS):] + METHODS[:i % len(METHODS)]
+        for method in order:
+            fn = fns[method]
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
