@@ -4,9 +4,9 @@ Writes outputs/bench/speedrun.md and speedrun.json (with machine metadata).
 What: a speedrun record log. Row 0 is the demo's recipe before this speedrun
 (`minitrain.demo.ORIGINAL_RECIPE`: 500 steps of 16 x 128, plain AdamW, one thread: how the demo
 was measured when the issue was filed); every later row adds ONE change to the current record
-(thread count, fused AdamW, bf16, torch.compile, an lr found with `minitrain.hparam` on a short
-budget, a shorter schedule, a bigger batch) and trains until the validation loss first reaches
-the target (<= 2.01 nats/byte, the demo's). A change that does not beat the record is written
+(thread count, fused AdamW, the GELU kernel, bf16, torch.compile, batch size, an lr found
+with `minitrain.hparam` on a short budget, a shorter schedule, the context) and trains until the
+validation loss first reaches the target (<= 2.01 nats/byte, the demo's). A change that does not beat the record is written
 down (negative results count) and NOT carried forward; one that does becomes the new record.
 
 Same run, same measuring stick (validate, then benchmark):
@@ -62,7 +62,9 @@ TARGET = 2.01  # the demo's validation loss (nats/byte): 2.0056 after its 500 st
 QUICK_TARGET = 3.0
 EVAL = dict(batch_size=16, seq_len=128, eval_iters=10, seed=0, precision="fp32")  # the demo's
 EVAL_TOKENS = 12 * 16 * 128  # evaluate about this often (12 of the baseline's steps)
-ARCH = ("n_layer", "n_head", "n_embd", "seq_len")  # same values => same init
+# same values => same init and the same function (the exact GELU is another function: its
+# fresh model scores slightly differently, so that check is skipped for it)
+ARCH = ("n_layer", "n_head", "n_embd", "seq_len", "gelu")
 SEARCH_FRACTION = 4  # the lr search trains each trial for 1/4 of the record's schedule
 LR_FACTORS = (1, 2, 4)  # the search tries the record's lr times these
 
@@ -72,6 +74,7 @@ LR_FACTORS = (1, 2, 4)  # the search tries the record's lr times these
 CHANGES = [
     ("all cores (torch threads = cpu count)", {"threads": os.cpu_count() or 1}),
     ("fused AdamW", {"fused_adamw": True}),
+    ("exact GELU (erf): a faster CPU kernel than the tanh approximation", {"gelu": "exact"}),
     ("bf16 autocast", {"precision": "bf16"}),
     ("torch.compile", {"compile": True}),
     ("batch x2, half the steps (same tokens)", {"batch_factor": 2, "steps_factor": 0.5}),
@@ -80,7 +83,7 @@ CHANGES = [
     ("shorter schedule (0.8x steps)", {"steps_factor": 0.8}),
     ("context 256, half the batch (same tokens/step)", {"seq_len": 256, "batch_factor": 0.5}),
 ]
-QUICK_CHANGES = [CHANGES[1], CHANGES[7]]
+QUICK_CHANGES = [CHANGES[1], CHANGES[8]]
 QUICK_EVAL_TOKENS = 10 * 16 * 128  # --quick: a finer grid (its target is met in ~30 steps)
 
 

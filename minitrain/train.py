@@ -179,7 +179,7 @@ def build_model(cfg, device="cpu"):
     torch.manual_seed(cfg.seed)
     gpt_cfg = GPTConfig(block_size=cfg.seq_len, n_layer=cfg.n_layer, n_head=cfg.n_head,
                         n_embd=cfg.n_embd, dropout=cfg.dropout, attention=cfg.attention,
-                        native_layers=cfg.native_layers,
+                        native_layers=cfg.native_layers, gelu=cfg.gelu,
                         activation_checkpointing=cfg.activation_checkpointing)
     return GPT(gpt_cfg).to(device)
 

@@ -22,9 +22,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from minitrain.model import ATTENTION_KINDS
+from minitrain.model import ATTENTION_KINDS, GELU_KINDS
 
-CHOICES = {"attention": ATTENTION_KINDS, "precision": ("fp32", "bf16", "fp16"),
+CHOICES = {"attention": ATTENTION_KINDS, "gelu": GELU_KINDS,
+           "precision": ("fp32", "bf16", "fp16"),
            "loader": ("ram", "memmap", "dataloader"), "batching": ("vectorized", "loop"),
            "zero_stage": (0, 1, 2, 3), "device": ("auto", "cpu", "cuda"),
            "on_nonfinite": ("rollback", "skip", "stop"),
@@ -70,6 +71,7 @@ class TrainConfig:
     n_embd: int = _f(128, "embedding width")
     attention: str = _f("sdpa", "attention kernel")
     native_layers: bool = _f(True, "nn.LayerNorm/nn.GELU (else the from-scratch ones)")
+    gelu: str = _f("tanh", "GELU form: tanh (GPT-2's approximation) or exact (erf)")
     precision: str = _f("fp32", "fp32 | bf16 autocast | fp16 autocast + GradScaler")
     compile: bool = _f(False, "torch.compile the model")
     fused_adamw: bool = _f(False, "fused AdamW kernel (foreach where fused is unsupported)")

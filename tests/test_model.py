@@ -2,11 +2,13 @@
 import itertools
 import math
 
+import hypothesis.strategies as st
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 
-from minitrain.model import GPT, GPTConfig
+from minitrain.model import GPT, ExactGELU, GPTConfig, TanhGELU
 from tests.strategies import seeds
 
 pytestmark = pytest.mark.model
@@ -33,15 +35,16 @@ def test_state_dict_keys_do_not_depend_on_the_variant():
 
 
 @settings(max_examples=4)
-@given(seeds)
-def test_all_variants_compute_the_same_function(seed):
+@given(seeds, st.sampled_from(["tanh", "exact"]))
+def test_all_variants_compute_the_same_function(seed, gelu):
     """One state_dict loaded into sdpa/naive/flash x native/from-scratch layers gives the same
-    logits, loss and gradients (T=80 > flash's 64 block, so flash really tiles)."""
+    logits, loss and gradients (T=80 > flash's 64 block, so flash really tiles), for either
+    GELU form."""
     base = small_model(seed)
     idx, targets = random_tokens(seed, 2, 80), random_tokens(seed + 1, 2, 80)
     results = []
     for attention, native in VARIANTS:
-        model = small_model(attention=attention, native_layers=native)
+        model = small_model(attention=attention, native_layers=native, gelu=gelu)
         model.load_state_dict(base.state_dict())
         logits, loss = model(idx, targets)
         loss.backward()
@@ -52,6 +55,28 @@ def test_all_variants_compute_the_same_function(seed):
         torch.testing.assert_close(loss, ref_loss, atol=2e-5, rtol=1e-5)
         for name in ref_grads:
             torch.testing.assert_close(grads[name], ref_grads[name], atol=2e-5, rtol=1e-3)
+
+
+@given(seeds, st.floats(0.1, 20.0))
+def test_from_scratch_gelus_equal_torch_gelu(seed, spread):
+    """ExactGELU = F.gelu (erf), TanhGELU = F.gelu(approximate="tanh"), values and gradients."""
+    x = (torch.randn(64, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+         * spread).requires_grad_()
+    for ours, kind in ((ExactGELU(), "none"), (TanhGELU(), "tanh")):
+        y, ref = ours(x), F.gelu(x, approximate=kind)
+        torch.testing.assert_close(y, ref)
+        torch.testing.assert_close(torch.autograd.grad(y.sum(), x)[0],
+                                   torch.autograd.grad(ref.sum(), x)[0])
+
+
+def test_the_two_gelu_forms_are_different_functions_close_together():
+    """gelu="exact" really switches the activation: same weights, logits differ, but by little
+    (the two GELUs are at most ~5e-4 apart)."""
+    idx = random_tokens(0, 2, 40)
+    tanh_logits, _ = small_model(gelu="tanh")(idx)
+    exact_logits, _ = small_model(gelu="exact")(idx)  # same seed: the same weights
+    gap = (tanh_logits - exact_logits).abs().max().item()
+    assert 0 < gap < 1e-2
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -110,6 +135,8 @@ def test_bad_config_and_inputs_raise_value_error():
         GPTConfig(attention="linear")
     with pytest.raises(ValueError, match="dropout"):
         GPTConfig(dropout=1.5)
+    with pytest.raises(ValueError, match="gelu"):
+        GPTConfig(gelu="relu")
     with pytest.raises(ValueError, match="block_size"):
         small_model(block_size=8)(random_tokens(0, 1, 9))
     model = small_model()
