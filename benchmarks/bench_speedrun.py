@@ -92,14 +92,20 @@ class TargetReached(Exception):
     RuntimeError: the trainer only turns those into TrainingStopped)."""
 
 
-def baseline_recipe():
-    """The demo's recipe as it was before this speedrun (`minitrain.demo.ORIGINAL_RECIPE`: 500
-    steps of 16 x 128, lr 2e-3, plain AdamW, one thread): TrainConfig fields and thread count.
-    Pinned, so adopting a winner in the demo does not move the baseline."""
-    cfg = dataclasses.asdict(demo_config("unused", ORIGINAL_RECIPE))
+def demo_recipe(recipe, threads):
+    """`minitrain.demo`'s TrainConfig for one of its recipes (out_dir and display fields aside)
+    and a thread count: a recipe as this bench runs it."""
+    cfg = dataclasses.asdict(demo_config("unused", recipe))
     for name in ("out_dir", "progress", "log_every", "overwrite"):
         cfg.pop(name)
-    return {"config": cfg, "threads": 1}
+    return {"config": cfg, "threads": threads}
+
+
+def baseline_recipe():
+    """The demo's recipe as it was before this speedrun (`minitrain.demo.ORIGINAL_RECIPE`: 500
+    steps of 16 x 128, lr 2e-3, plain AdamW, one thread). Pinned, so adopting a winner in the
+    demo does not move the baseline."""
+    return demo_recipe(ORIGINAL_RECIPE, threads=1)
 
 
 def apply_change(recipe, change):
