@@ -42,11 +42,11 @@ chunk's sum was finished elsewhere, which needed this rank's last send of it.
 Why 4 MiB and not smaller: every message pays that rendezvous and a wake-up of the waiting
 thread, so on one machine (loopback TCP) small segments lose more than the overlap wins.
 Measured (bench_collectives, paired rounds, 2 and 3 ranks): 256 KiB segments 1.4-1.8x gloo's
-time, 1 MiB 1.0-1.35x, 4 MiB 0.8-1.25x. What stays: at 1-2 MB on 2 ranks the ring is
-~1.2-1.35x gloo. That is a fixed cost of ~0.25 ms per call (a 16-byte all-reduce: ring
-0.51 ms, gloo 0.27 ms): five Python-level point-to-point calls and three waits that each hand
-control between Python and gloo's I/O thread, where gloo's own all-reduce runs the same ring
-in C++ on one thread.
+time, 1 MiB 1.0-1.35x, 4 MiB 0.8-1.25x. What stays: at 1-4 MB the ring is ~1.2-1.45x gloo's
+time (2 ranks the worst), at 16-64 MB ~0.93-1.12x. At small sizes it is a fixed cost of
+~0.25 ms per call (a 16-byte all-reduce: ring 0.51 ms, gloo 0.27 ms): five Python-level
+point-to-point calls and three waits that each hand control between Python and gloo's I/O
+thread, where gloo's own all-reduce runs the same ring in C++ on one thread.
 
 Integers are summed exactly; floats are summed in ring order, so they can differ from gloo's
 result in the last bits (a different order of additions), never by more.
