@@ -38,7 +38,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import machine_metadata, write_report
+from benchmarks.harness import machine_metadata, paired_ratio, write_report
 from minitrain.attention import flash_attention, naive_attention
 from minitrain.bench import peak_extra_bytes
 from minitrain.style import outputs_dir, repo_root
@@ -159,7 +159,7 @@ def run_all(seq_lens, repeats, seconds, threads, device, timeout_s):
             cell["times_s"] = timing["times_s"][cell["method"]]
             cell["median_s"] = statistics.median(cell["times_s"])
             # the ratio: per round (same moment of the machine), then the median over rounds
-            cell["vs_sdpa"] = statistics.median(a / b for a, b in zip(cell["times_s"], sdpa_times))
+            cell["vs_sdpa"] = paired_ratio(cell["times_s"], sdpa_times)
             print(f"  T={T:5d} {cell['method']:6s} valid (max |err| {cell['max_abs_err']:.1e})  "
                   f"{cell['median_s'] * 1e3:9.1f} ms  peak extra {cell['peak_bytes'] / 2**20:8.1f} MiB",
                   flush=True)

@@ -29,7 +29,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from benchmarks.harness import machine_metadata, write_report
+from benchmarks.harness import machine_metadata, paired_ratio, write_report
 from minitrain.collectives import SEGMENT_BYTES, ring_all_reduce
 from minitrain.distributed_utils import launch
 from minitrain.style import outputs_dir
@@ -97,7 +97,7 @@ def bench(sizes_mb, worlds, iters, seconds, timeout_s):
                             f"{name}_algbw_GBps": algbw,
                             f"{name}_busbw_GBps": algbw * 2 * (world - 1) / world})
             row["rounds"] = n_rounds
-            row["ratio"] = statistics.median(a / b for a, b in zip(per_round["ring"], per_round["gloo"]))
+            row["ratio"] = paired_ratio(per_round["ring"], per_round["gloo"])
             row["met"] = row["ratio"] <= TARGET_RATIO
             rows.append(row)
             print(f"  N={world} {mb:3d} MB  {n_rounds:4d} rounds  ring {row['ring_ms']:8.1f} ms  gloo {row['gloo_ms']:8.1f} ms"

@@ -51,7 +51,7 @@ from torch.nn.utils import clip_grad_norm_ as torch_clip_grad_norm_
 
 import minitrain.train as trainer
 from benchmarks import ladder_runner
-from benchmarks.harness import machine_metadata, write_report
+from benchmarks.harness import machine_metadata, paired_ratio, write_report
 from minitrain.data import get_batch, load_dataset, split_tokens
 from minitrain.schedule import WarmupCosine
 from minitrain.style import outputs_dir
@@ -214,8 +214,8 @@ def main(argv=None):
             rnd = {"round": i, "steps_timed": len(timed),
                    "trainer_s": statistics.median(t[0] for t in timed),
                    "bare_s": statistics.median(t[2] for t in timed),
-                   "ratio": statistics.median(t[0] / t[2] for t in timed),
-                   "cpu_ratio": statistics.median(t[1] / t[3] for t in timed),
+                   "ratio": paired_ratio([t[0] for t in timed], [t[2] for t in timed]),
+                   "cpu_ratio": paired_ratio([t[1] for t in timed], [t[3] for t in timed]),
                    "steps_s": [list(t) for t in timed]}
             rounds.append(rnd)
             print(f"round {i}: trainer {1e3 * rnd['trainer_s']:.1f} ms, bare "

@@ -17,6 +17,7 @@ import os
 import pathlib
 import platform
 import subprocess
+import statistics
 import sys
 import time
 
@@ -62,6 +63,13 @@ def run_metadata(t_start):
     return {**machine_metadata(), "commit": commit,
             "command": " ".join([sys.executable] + sys.argv),
             "wall_s": time.perf_counter() - t_start}
+
+
+def paired_ratio(numerators, denominators):
+    """Median over i of numerators[i] / denominators[i]: the ratio of two things timed side by
+    side (the same round, the same step), so the machine's drift, which on a shared 2-core box
+    is larger than many of the gaps measured, hits both sides of each ratio alike."""
+    return statistics.median(a / b for a, b in zip(numerators, denominators, strict=True))
 
 
 def write_report(out_dir, name, markdown, record):
