@@ -28,17 +28,24 @@ zero gradients), so both functions here do too.
 
 Speed in pure PyTorch: every tile costs about ten tensor ops, and each op costs microseconds
 of Python and dispatch, so the tile count decides the overhead: block 64 at T=4096 (causal) is
-2080 tiles of 64x64, block 128 is 528 tiles. Three choices keep each tile to one matmul per
-product and as few passes over the (bq, bk) tile as possible:
+2080 tiles of 64x64, block 128 is 528 tiles. The choices that keep each tile cheap:
   - only the diagonal tile needs the causal mask (tiles left of it are fully visible, tiles
     right of it are skipped), and its mask is one precomputed (block, block) -inf triangle;
-  - the scale and the shifts are folded into the matmul: backward computes s - L and dP - D as
-    baddbmm(-L, Q, K^T, alpha=scale) and baddbmm(-D, dO, V^T), instead of a matmul and then a
-    subtraction (and no scaled copy of Q is made: dK is scaled once per key tile at the end);
+  - Q is scaled once (one pass over (N, T, D)), so a score tile is one bmm; backward's shifts
+    ride in the matmul: s - L and dP - D are baddbmm(-L, Q, K^T) and baddbmm(-D, dO, V^T);
   - the first tile of each loop writes instead of adding: forward's first key tile sets m, l
     and acc (nothing to rescale yet), backward's first query tile sets dK and dV (no zeros);
+  - THE tile is one scratch buffer: every score / probability / dS tile is written (out=) into
+    the same (N, block, block) memory, as the real kernel reuses its SRAM. A fresh tensor per
+    tile is fresh memory: the allocator hands back pages the kernel must fault in, and how
+    often depends on what ran before (after naive attention's big frees it was often: flash at
+    T=1024 measured 1.38x SDPA with naive in the same rounds, 1.22x without; with the scratch
+    buffers 1.16x and 1.14x). The buffers are O(block^2), so the memory stays O(T * block);
+  - dQ accumulates in contiguous (N, block, D) tiles: an in-place matmul into a strided slice
+    of (N, T, D) falls back to one small matmul per head;
   - block 128 (not 64): big enough to amortize the per-op cost, small enough that a tile
-    (4 heads x 128 x 128 fp32 = 256 KiB) stays in cache through its ~10 passes.
+    (4 heads x 128 x 128 fp32 = 256 KiB) stays in cache through its ~10 passes (T=1024, same
+    rounds: block 128 1.23x SDPA, 192 1.32x, 256 1.51x).
 Batching all query tiles of one key block into one (N, T, bk) slab (fewer, larger ops) was
 measured too: fewer ops, but the slab (8 MiB at T=4096) leaves the cache between passes and
 the whole pass got slower (1.7-2.0x SDPA against 1.4x for the per-tile loop, same run, fp32,
@@ -49,7 +56,8 @@ wins time by keeping tiles in on-chip SRAM; on a CPU the same tiling buys cache 
 the Python tile loop costs time that SDPA's fused C++ kernel does not pay
 (benchmarks/bench_attention.py measures by how much).
 
-Common bugs: forgetting to rescale acc AND l by exp(m - m') when the max grows; exp(-inf - -inf) =
+Common bugs: forgetting to rescale acc AND l by exp(m - m') when the max grows; reusing one
+scratch buffer for two tiles that are alive at once (acc and the score tile); exp(-inf - -inf) =
 nan for a row whose every score so far is masked (guard the max); bottom-right instead of top-left
 causal alignment when Tq != Tk; saving P "just for backward", which brings back the T^2 memory.
 """
@@ -120,20 +128,42 @@ def _diagonal_bias(causal, block_size, device, dtype):
     return torch.full((block_size, block_size), float("-inf"), device=device, dtype=dtype).triu_(1)
 
 
-def _tile_scores(q_tile, k_tile, scale, shift, diag_bias, on_diagonal):
-    """shift + scale * q_tile k_tile^T (+ the causal mask on a diagonal tile), (N, bq, bk).
+def _diagonal_keep(diag_bias):
+    """The diagonal tile's 0/1 mask (1 where j <= i), for _exp_tile_; None when not causal."""
+    return None if diag_bias is None else (diag_bias == 0).to(diag_bias.dtype)
 
-    One baddbmm: the scale is the matmul's alpha, and the shift (a (N, bq, 1) column, or None)
-    and the mask are folded into the matmul's output initialisation, so no extra pass over the
-    tile is spent on any of them.
+
+EXP_FLOOR = -87.0  # e^-87 = 1.6e-38, the bottom of float32's normal range (see _exp_tile_)
+
+
+def _exp_tile_(x, keep):
+    """exp(x) in place. `keep`: None, or a diagonal tile's (bq, bk) 0/1 causal mask.
+
+    Why the detour on the diagonal: exp of an input below about -87.3 (-inf included) leaves
+    float32's normal range, and the vectorized exp computes such lanes on a slow scalar path:
+    measured 155 us for a 4x128x128 tile whose upper triangle is -inf, against 21 us for the
+    same tile without it, and 31 us for clamp + exp. So the masked entries are clamped to
+    EXP_FLOOR (the visible ones too: a visible term below e^-87 is invisible next to the row's
+    max term, e^0 = 1) and set to exactly 0 after the exp."""
+    if keep is None:
+        return x.exp_()
+    return x.clamp_(min=EXP_FLOOR).exp_().mul_(keep)
+
+
+def _tile_scores(q_tile, k_t, shift, diag_bias, on_diagonal, out):
+    """shift + q_tile @ k_t (+ the causal mask on a diagonal tile), written into `out`.
+
+    q_tile (N, bq, D) is already scaled, k_t (N, D, bk) is a K tile seen transposed, `out` is a
+    (N, bq, bk) view of a scratch buffer the caller reuses for every tile. The shift (a (N, bq, 1)
+    column, or None) and the mask ride in the matmul's output initialisation (baddbmm), so no
+    extra pass over the tile is spent on them.
     """
-    bq, bk = q_tile.size(-2), k_tile.size(-2)
+    bq, bk = out.size(1), out.size(2)
     if on_diagonal:
         shift = diag_bias[:bq, :bk] if shift is None else diag_bias[:bq, :bk] + shift
-    if shift is None:  # beta=0: the input is ignored, only its (broadcast) shape matters
-        return torch.baddbmm(q_tile.new_zeros(1, 1, 1), q_tile, k_tile.transpose(-2, -1),
-                             beta=0, alpha=scale)
-    return torch.baddbmm(shift, q_tile, k_tile.transpose(-2, -1), alpha=scale)
+    if shift is None:
+        return torch.bmm(q_tile, k_t, out=out)
+    return torch.baddbmm(shift, q_tile, k_t, out=out)
 
 
 def _flash_forward(q, k, v, causal, scale, block_size, trace=None):
@@ -141,80 +171,108 @@ def _flash_forward(q, k, v, causal, scale, block_size, trace=None):
     N, Tq, _ = q.shape
     Tk, Dv = k.size(1), v.size(2)
     out = q.new_empty(N, Tq, Dv)
-    lse = q.new_empty(N, Tq)
+    lse = q.new_empty(N, Tq, 1)
     diag_bias = _diagonal_bias(causal, block_size, q.device, q.dtype)
-    for q_start in range(0, Tq, block_size):
-        q_end = min(q_start + block_size, Tq)
-        q_tile = q[:, q_start:q_end]  # (N, bq, D)
+    diag_keep = _diagonal_keep(diag_bias)
+    k_t_tiles = k.transpose(1, 2).split(block_size, dim=2)  # views (N, D, bk), cut once
+    v_tiles = v.split(block_size, dim=1)  # views (N, bk, Dv)
+    bq_max, bk_max = min(block_size, Tq), min(block_size, Tk)  # a block may exceed T
+    s_buf = q.new_empty(N, bq_max, bk_max)  # THE score tile, reused by every tile
+    acc_buf = q.new_empty(N, bq_max, Dv)  # THE output accumulator, reused by every q tile
+    q_tiles = (q * scale).split(block_size, dim=1)  # one pass over Q: each score is one bmm
+    out_tiles, lse_tiles = out.split(block_size, dim=1), lse.split(block_size, dim=1)
+    for i in range(-(-Tq // block_size)):  # every query tile (none when Tq == 0)
+        q_tile = q_tiles[i]  # (N, bq, D)
+        bq = q_tile.size(1)
+        q_start, q_end = i * block_size, i * block_size + bq
         # Causal: key tiles that start after this tile's last query are all masked -> skipped.
-        k_stop = min(Tk, q_end) if causal else Tk
-        m = l = acc = None  # running max (N, bq), sum of exp(s - m) (N, bq), sum of exp(s - m) v
-        for k_start in range(0, k_stop, block_size):
-            k_end = min(k_start + block_size, Tk)
-            on_diagonal = causal and k_start == q_start  # the only tile that needs the mask
-            s = _tile_scores(q_tile, k[:, k_start:k_end], scale, None, diag_bias, on_diagonal)
+        n_k = -(-(min(Tk, q_end) if causal else Tk) // block_size)  # ceil: tiles with keys
+        m = l = acc = None  # running max (N, bq, 1), sum of exp(s - m) (N, bq, 1), sum of exp(s - m) v
+        for j in range(n_k):
+            v_tile = v_tiles[j]
+            on_diagonal = causal and j == i  # the only tile that needs the mask
+            bk = v_tile.size(1)
+            s = _tile_scores(q_tile, k_t_tiles[j], None, diag_bias, on_diagonal,
+                             out=s_buf[:, :bq, :bk])  # (N, bq, bk)
+            keep = diag_keep[:bq, :bk] if on_diagonal else None
             if m is None:  # the first key tile: nothing to rescale yet
-                m = s.amax(dim=-1)  # (N, bq)
-                p = s.sub_(m[..., None]).exp_()
-                l = p.sum(dim=-1)
-                acc = torch.bmm(p, v[:, k_start:k_end])  # (N, bq, Dv)
+                m = s.amax(dim=-1, keepdim=True)
+                p = _exp_tile_(s.sub_(m), keep)  # exp(s - m), in place
+                l = p.sum(dim=-1, keepdim=True)
+                acc = torch.bmm(p, v_tile, out=acc_buf[:, :bq])  # (N, bq, Dv)
             else:
                 # m_new is finite: every row sees key 0 in its first tile (top-left causal), so
                 # the classic exp(-inf - -inf) = nan cannot happen here (finite inputs).
-                m_new = torch.maximum(m, s.amax(dim=-1))  # (N, bq)
-                p = s.sub_(m_new[..., None]).exp_()  # exp(s - m_new), in place, (N, bq, bk)
-                rescale = torch.exp(m - m_new)  # (N, bq): shrinks what was summed under the old max
-                l.mul_(rescale).add_(p.sum(dim=-1))  # l = l * rescale + rowsum(p)
-                acc.mul_(rescale[..., None]).baddbmm_(p, v[:, k_start:k_end])  # acc*rescale + p v
+                m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
+                p = _exp_tile_(s.sub_(m_new), keep)  # exp(s - m_new), in place
+                rescale = torch.exp(m - m_new)  # shrinks what was summed under the old max
+                l.mul_(rescale).add_(p.sum(dim=-1, keepdim=True))  # l * rescale + rowsum(p)
+                acc.mul_(rescale).baddbmm_(p, v_tile)  # acc * rescale + p v
                 m = m_new
             if trace is not None:
-                trace(q_start, q_end, k_start, k_end, m.clone(), l.clone())
+                k_start = j * block_size
+                trace(q_start, q_end, k_start, k_start + bk, m[..., 0].clone(),
+                      l[..., 0].clone())
         if m is None:  # Tk == 0: no key at all
-            m = q.new_full((N, q_end - q_start), float("-inf"))
-            l = q.new_zeros(N, q_end - q_start)
-            acc = q.new_zeros(N, q_end - q_start, Dv)
+            m = q.new_full((N, bq, 1), float("-inf"))
+            l = q.new_zeros(N, bq, 1)
+            acc = q.new_zeros(N, bq, Dv)
         # l == 0 only when there is no key at all (Tk == 0): output 0 and L = -inf, as SDPA.
         l_safe = torch.where(l == 0, torch.ones_like(l), l)
-        out[:, q_start:q_end] = acc / l_safe[..., None]
-        lse[:, q_start:q_end] = torch.where(l == 0, m, m + torch.log(l_safe))
-    return out, lse
+        torch.div(acc, l_safe, out=out_tiles[i])
+        torch.where(l == 0, m, m + torch.log(l_safe), out=lse_tiles[i])
+    return out, lse[..., 0]
 
 
 def _flash_backward(q, k, v, out, lse, d_out, causal, scale, block_size):
     """FlashAttention-2 backward: outer loop over key tiles, inner over query tiles."""
-    N, Tq, _ = q.shape
-    Tk = k.size(1)
-    dq, dk, dv = torch.zeros_like(q), torch.empty_like(k), torch.empty_like(v)  # dq accumulates
-    delta = (d_out * out).sum(dim=-1)  # D_i = rowsum(dO * O), (N, Tq)
-    neg_lse, neg_delta = -lse[..., None], -delta[..., None]  # (N, Tq, 1) shifts for baddbmm
+    N, Tq, D = q.shape
+    Tk, Dv = k.size(1), v.size(2)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    delta = (d_out * out).sum(dim=-1, keepdim=True)  # D_i = rowsum(dO * O), (N, Tq, 1)
     diag_bias = _diagonal_bias(causal, block_size, q.device, q.dtype)
-    for k_start in range(0, Tk, block_size):
-        k_end = min(k_start + block_size, Tk)
-        k_tile, v_tile = k[:, k_start:k_end], v[:, k_start:k_end]  # (N, bk, D), (N, bk, Dv)
+    diag_keep = _diagonal_keep(diag_bias)
+    q_tiles = (q * scale).split(block_size, dim=1)  # scaled Q tiles (N, bq, D)
+    do_tiles = d_out.split(block_size, dim=1)  # (N, bq, Dv)
+    neg_lse, neg_delta = (-lse[..., None]).split(block_size, dim=1), (-delta).split(block_size, dim=1)
+    n_q = -(-Tq // block_size)  # (split returns one empty tile for a 0-length dim)
+    # dQ tile i accumulates in dq_buf[i], contiguous: an in-place matmul into a strided slice of
+    # (N, Tq, D) falls back to one small matmul per head (measured ~10% slower overall).
+    bq_max, bk_max = min(block_size, Tq), min(block_size, Tk)  # a block may exceed T
+    dq_buf = q.new_zeros(n_q, N, bq_max, D)
+    p_buf, ds_buf = q.new_empty(N, bq_max, bk_max), q.new_empty(N, bq_max, bk_max)  # THE tiles
+    dk_buf, dv_buf = q.new_empty(N, bk_max, D), q.new_empty(N, bk_max, Dv)
+    k_tiles, v_tiles = k.split(block_size, dim=1), v.split(block_size, dim=1)  # (N, bk, D|Dv)
+    dk_tiles, dv_tiles = dk.split(block_size, dim=1), dv.split(block_size, dim=1)
+    for j in range(-(-Tk // block_size)):  # every key tile (none when Tk == 0)
+        k_tile, v_tile = k_tiles[j], v_tiles[j]
+        k_t, v_t = k_tile.transpose(1, 2), v_tile.transpose(1, 2)  # (N, D, bk), (N, Dv, bk)
+        bk = k_tile.size(1)
         dk_tile = dv_tile = None  # (N, bk, D), (N, bk, Dv): set by the first query tile
         # Causal: query tiles whose last row is above this key tile's first column are skipped.
-        q_first = k_start if causal else 0
-        for q_start in range(q_first, Tq, block_size):
-            q_end = min(q_start + block_size, Tq)
-            q_tile, do_tile = q[:, q_start:q_end], d_out[:, q_start:q_end]  # (N, bq, D|Dv)
-            on_diagonal = causal and q_start == k_start
-            p = _tile_scores(q_tile, k_tile, scale, neg_lse[:, q_start:q_end], diag_bias, on_diagonal)
-            p.exp_()  # P = exp(s - L), recomputed, (N, bq, bk)
+        for i in range(j if causal else 0, n_q):
+            q_tile, do_tile = q_tiles[i], do_tiles[i]
+            bq = q_tile.size(1)
+            on_diagonal = causal and i == j
+            p = _exp_tile_(_tile_scores(q_tile, k_t, neg_lse[i], diag_bias, on_diagonal,
+                                        out=p_buf[:, :bq, :bk]),
+                           diag_keep[:bq, :bk] if on_diagonal else None)  # P = exp(s - L)
             # dS = P * (dP - D) with dP = dO V^T: the -D shift rides in the matmul, (N, bq, bk)
-            dp_minus_d = torch.baddbmm(neg_delta[:, q_start:q_end], do_tile, v_tile.transpose(-2, -1))
-            ds = dp_minus_d.mul_(p)
-            dq[:, q_start:q_end].baddbmm_(ds, k_tile, alpha=scale)  # dQ += scale * dS K
+            ds = torch.baddbmm(neg_delta[i], do_tile, v_t, out=ds_buf[:, :bq, :bk]).mul_(p)
+            dq_buf[i, :, :bq].baddbmm_(ds, k_tile, alpha=scale)  # dQ += scale * dS K
             if dv_tile is None:  # the first query tile writes, the later ones add
-                dv_tile = torch.bmm(p.transpose(-2, -1), do_tile)  # dV = P^T dO, (N, bk, Dv)
-                dk_tile = torch.bmm(ds.transpose(-2, -1), q_tile)  # dK = dS^T (scale * Q)
+                dv_tile = torch.bmm(p.transpose(1, 2), do_tile, out=dv_buf[:, :bk])  # P^T dO
+                dk_tile = torch.bmm(ds.transpose(1, 2), q_tile, out=dk_buf[:, :bk])  # dS^T (scale Q)
             else:
-                dv_tile.baddbmm_(p.transpose(-2, -1), do_tile)  # dV += P^T dO
-                dk_tile.baddbmm_(ds.transpose(-2, -1), q_tile)  # dK += dS^T (scale * Q)
+                dv_tile.baddbmm_(p.transpose(1, 2), do_tile)  # dV += P^T dO
+                dk_tile.baddbmm_(ds.transpose(1, 2), q_tile)  # dK += dS^T (scale Q)
         if dv_tile is None:  # no query sees this key tile (Tq == 0, or causal with Tq <= k_start)
-            dk[:, k_start:k_end], dv[:, k_start:k_end] = 0.0, 0.0
-            continue
-        dk[:, k_start:k_end] = dk_tile.mul_(scale)
-        dv[:, k_start:k_end] = dv_tile
+            dk_tiles[j].zero_()
+            dv_tiles[j].zero_()
+        else:
+            dk_tiles[j].copy_(dk_tile)
+            dv_tiles[j].copy_(dv_tile)
+    dq = dq_buf.transpose(0, 1).reshape(N, n_q * bq_max, D)[:, :Tq]  # (N, Tq, D)
     return dq, dk, dv
 
 
