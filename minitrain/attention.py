@@ -139,10 +139,11 @@ EXP_FLOOR = -87.0  # e^-87 = 1.6e-38, the bottom of float32's normal range (see 
 def _exp_tile_(x, keep):
     """exp(x) in place. `keep`: None, or a diagonal tile's (bq, bk) 0/1 causal mask.
 
-    Why the detour on the diagonal: exp of an input below about -87.3 (-inf included) leaves
-    float32's normal range, and the vectorized exp computes such lanes on a slow scalar path:
-    measured 155 us for a 4x128x128 tile whose upper triangle is -inf, against 21 us for the
-    same tile without it, and 31 us for clamp + exp. So the masked entries are clamped to
+    Why the detour on the diagonal: torch's CPU exp here is MKL's vector exp, and an input
+    whose result underflows (below about -87.3 in float32, -inf included) goes through its
+    rare-case path (perf shows vsexp_cout_rare and mkl_vml_kernel_sError): measured 155 us for
+    a 4x128x128 tile whose upper triangle is -inf, against 21 us for the same tile without it,
+    and 31 us for clamp + exp. So the masked entries are clamped to
     EXP_FLOOR (the visible ones too: a visible term below e^-87 is invisible next to the row's
     max term, e^0 = 1) and set to exactly 0 after the exp."""
     if keep is None:
