@@ -219,7 +219,9 @@ def ring_all_reduce(tensor, group=None, *, trace=None, segment_bytes=None):
 
     `trace`: an optional list; every ring step appends a dict (phase, step, send, recv, chunks)
     with copies of this rank's chunks after the step (the animation draws these).
-    `segment_bytes`: the pipelining grain (None: SEGMENT_BYTES); every rank must pass the same."""
+    `segment_bytes`: the pipelining grain (None: SEGMENT_BYTES); every rank must pass the same.
+    `group`: a process group (None: the default one), or any object with its rank(), size(),
+    send(tensors, dst, tag) and recv(tensors, src, tag): lesson 12 hands in one that counts."""
     if not isinstance(tensor, torch.Tensor):
         raise ValueError(f"tensor must be a torch.Tensor, got {type(tensor).__name__}")
     ring = _ring(group)

@@ -9,12 +9,15 @@ that do not divide the world size. This is minitrain's own keyword, not part of 
 """
 import pytest
 import torch
+import torch.distributed as dist
 from torch.distributed import all_gather_into_tensor as torch_all_gather_into_tensor
 from torch.distributed import all_reduce as torch_all_reduce
 from torch.distributed import reduce_scatter_tensor as torch_reduce_scatter_tensor
 
-from minitrain.collectives import ring_all_gather, ring_all_reduce, ring_reduce_scatter, segments
+from minitrain.collectives import (chunk_sizes, ring_all_gather, ring_all_reduce,
+                                   ring_reduce_scatter, segments)
 from minitrain.distributed_utils import launch
+from tests.lesson_modules import load_lesson
 
 pytestmark = [pytest.mark.distributed, pytest.mark.lesson12]
 
@@ -62,3 +65,32 @@ def test_segments_cover_a_chunk_once_and_refuse_a_size_below_one():
     assert segments(10, 4, 12) == [(0, 3), (3, 6), (6, 9), (9, 10)]
     with pytest.raises(ValueError, match="segment_bytes"):
         segments(10, 4, 0)
+
+
+def _bytes_sent_through_the_group(rank, world):
+    counting_group = load_lesson("12_all_reduce_from_send_recv.py").CountingGroup
+    records = []
+    for numel in (1, 5, 1000, 4097):
+        for seg in (None, 12):
+            counter = {"bytes": 0}
+            x = torch.randint(-9, 9, (numel,), generator=torch.Generator().manual_seed(rank))
+            ours, ref = x.float(), x.float()
+            ring_all_reduce(ours, group=counting_group(dist.group.WORLD, counter), segment_bytes=seg)
+            torch_all_reduce(ref)
+            sizes = chunk_sizes(numel, world)
+            # reduce-scatter sends every chunk but this rank's own, all-gather every chunk but
+            # the right neighbour's (it is the one that finishes it): 2(N-1)/N of the data
+            expected = 4 * (2 * numel - sizes[rank] - sizes[(rank + 1) % world])
+            records.append((numel, seg, torch.equal(ours, ref), counter["bytes"], expected))
+    return records
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_the_ring_talks_only_through_its_group_and_sends_2_n_minus_1_over_n_of_the_data(world):
+    """Handed lesson 12's counting group, the ring still equals dist.all_reduce and every rank
+    hands exactly sum(chunks) - own chunk - right neighbour's chunk bytes, per phase pair, to the
+    group's send: nothing travels by another route (a built-in collective would count 0)."""
+    for rank_records in launch(_bytes_sent_through_the_group, world, timeout_s=120, preload=()):
+        for numel, seg, equal, sent, expected in rank_records:
+            assert equal, (numel, seg)
+            assert sent == expected, (numel, seg, sent, expected)
