@@ -48,14 +48,18 @@ into it, inside the transfer: measured +50 us on a 0.5 MB receive, +400 us on a 
 
 Why 4 MiB and not smaller: every message pays that rendezvous and a wake-up of the waiting
 thread, so on one machine (loopback TCP) small segments lose more than the overlap wins.
-(gloo's own ring uses >= 2 segments per chunk and <= 1 MiB each: its per-message cost, in C++,
-is lower; ours, issued from Python, is ~50-60 us a message, measured by posting 1-8 messages.)
+(gloo's own ring cuts each chunk in >= 2 segments of <= 1 MiB and still wins at 1 MB, so its
+messages cost less than ours, issued from Python: ~50-60 us a message, measured by posting
+1-8 small messages at once.)
 Measured (bench_collectives, paired rounds, 2 and 3 ranks): 256 KiB segments 1.4-1.8x gloo's
-time, 1 MiB 1.0-1.35x, 4 MiB 0.8-1.25x. What stays: at 1-4 MB the ring is ~1.2-1.45x gloo's
-time (2 ranks the worst), at 16-64 MB ~0.93-1.12x. At small sizes it is a fixed cost of
-~0.25 ms per call (a 16-byte all-reduce: ring 0.51 ms, gloo 0.27 ms): five Python-level
-point-to-point calls and three waits that each hand control between Python and gloo's I/O
-thread, where gloo's own all-reduce runs the same ring in C++ on one thread.
+time, 1 MiB 1.0-1.35x, 4 MiB 0.8-1.25x. What stays (three runs, ring and gloo taking turns to
+go first): 1 MB on 2 ranks 1.21-1.26x gloo's time, 4 MB 1.14-1.20x, 3 ranks 1.00-1.16x, 16-64
+MB 0.96-1.03x. The rest is a fixed cost per call that shows most when the call starts cold: in
+the rounds where the ring went first it read 1.30-1.38x at 1 MB on 2 ranks, going second
+1.07-1.20x; a 16-byte all-reduce takes ~0.4-0.5 ms on the ring against ~0.2-0.3 ms for gloo.
+Python issues every send, receive and wait (each a call into C++ and back), and right after
+a barrier the Python code between them runs several times slower than on a warm core (the ~15
+us of set-up before the first send, timed alone, took 50-90 us there).
 
 Integers are summed exactly; floats are summed in ring order, so they can differ from gloo's
 result in the last bits (a different order of additions), never by more.
