@@ -4,8 +4,9 @@ The ring collectives cut each chunk into `segment_bytes` pieces (4 MiB by defaul
 next send starts while the previous piece is still being added. The exercise tests
 (tests/test_collectives.py) use sizes that fit in one default segment, so this file forces tiny
 segments (4 to 40 bytes: many segments, a partial last one, staging buffers reused) and checks
-every result against torch.distributed bit for bit on integers and on 2-rank floats, for sizes
-that do not divide the world size. This is minitrain's own keyword, not part of the exercise.
+every result against torch.distributed bit for bit (small integer values: int64, float32 and
+complex64 sums are exact), for sizes that do not divide the world size. This is minitrain's own
+keyword, not part of the exercise.
 """
 import pytest
 import torch
@@ -26,9 +27,11 @@ def _mismatches(rank, world):
     bad = []
     for seg in (4, 8, 12, 40):
         for numel in (0, 1, world, 7, 33, 1001):
-            for dtype in (torch.int64, torch.float32):
+            for dtype in (torch.int64, torch.float32, torch.complex64):
                 gen = torch.Generator().manual_seed(rank * 7 + numel)
                 x = torch.randint(-9, 9, (numel,), generator=gen).to(dtype)
+                if dtype.is_complex:  # an imaginary part too: (re, im) travel as two floats
+                    x = x + 1j * torch.randint(-9, 9, (numel,), generator=gen)
                 ours, ref = x.clone(), x.clone()
                 ring_all_reduce(ours, segment_bytes=seg)
                 torch_all_reduce(ref)
