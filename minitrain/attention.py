@@ -37,12 +37,11 @@ of Python and dispatch, so the tile count decides the overhead: block 64 at T=40
     and acc (nothing to rescale yet), backward's first query tile sets dK and dV (no zeros);
   - THE tile is one scratch buffer: every score / probability / dS tile is written (out=) into
     the same (N, block, block) memory, as the real kernel reuses its SRAM. A fresh tensor per
-    tile is fresh memory: the allocator hands back pages the kernel must fault in, and how
-    often depends on what ran before (after naive attention's big frees, often: at T=1024 the
-    per-tile-tensor version read 1.31-1.38x SDPA with naive in the same rounds, 1.22x without;
-    the scratch buffers alone took it from 1.23x to 1.16x with naive). They are O(block^2), so
-    the memory stays O(T * block). All of this round's changes together: 1.13x with naive in
-    the rounds, 1.08x without;
+    tile is fresh memory the kernel may have to fault in, depending on what ran before (T=1024
+    with naive attention in the same rounds: 1.23x SDPA with a tensor per tile, 1.16x with the
+    scratch buffer). The buffers are O(block^2), so the memory stays O(T * block);
+  - the diagonal tile's masked (-inf) entries are clamped before the exp and zeroed after: MKL's
+    exp takes a slow path for every input that underflows (_exp_tile_ has the numbers);
   - dQ accumulates in contiguous (N, block, D) tiles: an in-place matmul into a strided slice
     of (N, T, D) falls back to one small matmul per head;
   - block 128 (not 64): big enough to amortize the per-op cost, small enough that a tile
