@@ -1,4 +1,5 @@
-"""Ring collectives (isend/irecv only) equal torch.distributed's built-ins on 2 and 3 gloo ranks.
+"""Ring collectives (point-to-point sends and receives only) equal torch.distributed's
+built-ins on 2 and 3 gloo ranks.
 
 Each launch runs a whole list of cases inside one process group and returns one record per case,
 so the cost of starting processes is paid once per list, not once per case.
