@@ -20,10 +20,21 @@ Run: python lessons/13_ddp_three_ways.py   (spawns 2 CPU processes, < 60 s)
 Honest caveat: on 2 shared CPU cores compute and communication compete for the same cores, so
 overlap helps far less than on GPUs with a separate network engine; the message count is the
 robust lesson.
+Why per-parameter overlap cannot win here, measured: every message pays a fixed cost (time =
+alpha + bytes / bandwidth), so one message per parameter pays it n_params times where one
+bucket pays it once. The lesson times the communication alone (one all-reduce per parameter vs
+one bucket of the same bytes, no compute) and sets that beside the step-time gap between
+overlap and bucketed. Seen on the course machine (four runs): 28 all-reduces back to back take
+25-49 ms (0.9-1.7 ms each, against 0.13-0.23 ms for one message alone), one bucket 0.4-0.5 ms,
+and overlapping them with backward hid only 4-16 ms of that: the messages' work is CPU work (gloo's threads,
+system calls, wake-ups) on the same two cores as the backward pass, so there is little idle
+time to hide it in. On a GPU the network engine works while the SMs compute, so overlap pays
+off there, and torch's DDP overlaps too, but in buckets.
 """
 import json
 import os
 import statistics
+import time
 
 import matplotlib.pyplot as plt
 import torch
@@ -37,6 +48,27 @@ OUT = outputs_dir("lesson13")
 WORLD = 2
 SETTINGS = dict(n_layer=2, n_head=2, n_embd=32, batch=4, seq_len=64, check_steps=3, warmup=2,
                 iters=10)
+
+
+def message_costs(rank, world, sizes, calls=30):
+    """Communication alone, in the ranks' own process group, all ranks lined up by a barrier:
+    median ms of one all-reduce per parameter (the given sizes, back to back), of one all-reduce
+    of all of them in a single bucket, and of a 1-element all-reduce (alpha)."""
+    import torch.distributed as dist  # launch() made the process group
+
+    def timed(tensors):
+        out = []
+        for _ in range(calls):
+            dist.barrier()
+            t0 = time.perf_counter()
+            for t in tensors:
+                dist.all_reduce(t)
+            out.append(time.perf_counter() - t0)
+        return 1e3 * statistics.median(out[3:])
+
+    return {"per_parameter_ms": timed([torch.zeros(n) for n in sizes]),
+            "one_bucket_ms": timed([torch.zeros(sum(sizes))]),
+            "alpha_ms": timed([torch.zeros(1)])}
 
 
 def threads_per_rank(world):
@@ -72,6 +104,25 @@ def main():
     assert all(r["max_diff"] < 1e-5 for r in rows), "every variant must train like torch's DDP"
     assert by["naive"]["all_reduces"] == n_params and by["overlap"]["all_reduces"] == n_params
     assert by["bucketed"]["all_reduces"] == 1, "25 MB holds the whole tiny GPT: one message"
+    sizes = [p.numel() for p in GPT(GPTConfig(vocab_size=256, block_size=SETTINGS["seq_len"],
+                                              n_layer=2, n_head=2, n_embd=32)).parameters()]
+    costs = launch(message_costs, WORLD, sizes, timeout_s=60, threads=threads_per_rank(WORLD),
+                   preload=())
+    cost = {k: max(c[k] for c in costs) for k in costs[0]}  # a collective ends with its slowest rank
+    gap_ms = by["overlap"]["median_ms"] - by["bucketed"]["median_ms"]
+    comm_gap_ms = cost["per_parameter_ms"] - cost["one_bucket_ms"]
+    per_message = cost["per_parameter_ms"] / n_params
+    print(f"why overlap loses: {n_params} messages instead of 1. Communication alone (no compute): "
+          f"{n_params} all-reduces {cost['per_parameter_ms']:.1f} ms ({per_message:.2f} ms each "
+          f"back to back; one message alone {cost['alpha_ms']:.2f} ms), one bucket "
+          f"{cost['one_bucket_ms']:.1f} ms:")
+    hidden = comm_gap_ms - gap_ms
+    print(f"  the extra messages cost {comm_gap_ms:.1f} ms; in the step overlap - bucketed = "
+          f"{gap_ms:.1f} ms, so overlapping with backward "
+          + (f"hid {hidden:.1f} ms of it" if hidden >= 0 else
+             f"added {-hidden:.1f} ms (gloo's threads compete with backward for the cores)"))
+    for row in rows:
+        row.update(cost)
     (OUT / "results.json").write_text(json.dumps(rows, indent=1))
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))

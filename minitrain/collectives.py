@@ -45,7 +45,7 @@ chunk's sum was finished elsewhere, which needed this rank's last send of it.
 Run on a communication thread (minitrain.comm_thread), as gloo runs its own collectives on a
 worker thread of the process group: the caller checks its arguments, hands the ring to that
 thread and waits. Measured, same code, same rounds: 1 MB on 2 ranks 1.27x gloo's time from the
-caller's thread, 1.16x from the communication thread; 4 MB 1.23x -> 1.05x.
+caller's thread, 1.16x from the communication thread (two runs); 4 MB 1.23x -> 1.05x (one run).
 
 Reuse the staging memory. The reduce-scatter receives into a buffer kept from call to call
 (one per thread, in practice the communication thread's; at most STAGING x segment bytes).
@@ -58,14 +58,14 @@ thread, so on one machine (loopback TCP) small segments lose more than the overl
 messages cost less than ours, issued from Python: ~50-60 us a message, measured by posting
 1-8 small messages at once.)
 Measured (bench_collectives, paired rounds, 2 and 3 ranks): 256 KiB segments 1.4-1.8x gloo's
-time, 1 MiB 1.0-1.35x, 4 MiB 0.8-1.25x. What stays (three runs, ring and gloo taking turns to
-go first): 1 MB on 2 ranks 1.21-1.26x gloo's time, 4 MB 1.14-1.20x, 3 ranks 1.00-1.16x, 16-64
-MB 0.96-1.03x. The rest is a fixed cost per call that shows most when the call starts cold: in
-the rounds where the ring went first it read 1.30-1.38x at 1 MB on 2 ranks, going second
-1.07-1.20x; a 16-byte all-reduce takes ~0.4-0.5 ms on the ring against ~0.2-0.3 ms for gloo.
-Python issues every send, receive and wait (each a call into C++ and back), and right after
-a barrier the Python code between them runs several times slower than on a warm core (the ~15
-us of set-up before the first send, timed alone, took 50-90 us there).
+time, 1 MiB 1.0-1.35x, 4 MiB 0.8-1.25x. Now (three runs, ring and gloo taking turns to go
+first): 1 MB 1.13-1.16x gloo's time on 2 ranks and 1.06-1.14x on 3, 4 MB 0.97-1.14x and
+1.10-1.13x, 16-64 MB 0.89-1.04x. What is left is a fixed cost per call, largest when the call
+starts cold (in the rounds the ring went first it read up to 1.22x at 1 MB on 2 ranks, 1.35x
+on 3; a 1 KB all-reduce takes ~0.40 ms on the ring against ~0.28 ms for gloo): Python issues
+every send, receive and wait, each a call into C++ and back, and right after a barrier that
+Python ran several times slower than on a warm core (measured on the caller's thread: ~15 us
+of set-up, timed alone, took 50-90 us).
 
 Integers are summed exactly; floats are summed in ring order, so they can differ from gloo's
 result in the last bits (a different order of additions), never by more.

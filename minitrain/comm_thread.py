@@ -10,7 +10,7 @@ Besides letting a caller overlap compute with communication (`async_op=True` in 
 matters on a busy machine. Measured on 2 shared cores, the same ring code, same rounds (ring /
 gloo, median of per-round ratios):
   - 1 MB, 2 ranks: 1.27x run on the caller's thread, 1.16x on a communication thread (two runs);
-  - 4 MB, 2 ranks: 1.23x vs 1.05x;
+  - 4 MB, 2 ranks: 1.23x vs 1.05x (one run);
   - 1 KB, 16 MB and 3 ranks: no change beyond noise.
 A likely reason, not proven: the scheduler favours a thread that has just woken up over one
 that has been running, and the communication thread sleeps between calls where the caller has
