@@ -24,9 +24,9 @@ Why per-parameter overlap cannot win here, measured: every message pays a fixed 
 alpha + bytes / bandwidth), so one message per parameter pays it n_params times where one
 bucket pays it once. The lesson times the communication alone (one all-reduce per parameter vs
 one bucket of the same bytes, no compute) and sets that beside the step-time gap between
-overlap and bucketed. Seen on the course machine (four runs): 28 all-reduces back to back take
-25-49 ms (0.9-1.7 ms each, against 0.13-0.23 ms for one message alone), one bucket 0.4-0.5 ms,
-and overlapping them with backward hid only 4-16 ms of that: the messages' work is CPU work (gloo's threads,
+overlap and bucketed. Seen on the course machine (five runs): 28 all-reduces back to back take
+25-49 ms (0.9-1.7 ms each, against 0.13-0.23 ms for one message alone), one bucket 0.4-0.7 ms,
+and overlapping them with backward hid only 2-16 ms of that: the messages' work is CPU work (gloo's threads,
 system calls, wake-ups) on the same two cores as the backward pass, so there is little idle
 time to hide it in. On a GPU the network engine works while the SMs compute, so overlap pays
 off there, and torch's DDP overlaps too, but in buckets.
@@ -38,6 +38,7 @@ import time
 
 import matplotlib.pyplot as plt
 import torch
+import torch.distributed as dist
 
 from benchmarks.experiments import compare_ddp_modes
 from minitrain.distributed_utils import launch
@@ -54,8 +55,6 @@ def message_costs(rank, world, sizes, calls=30):
     """Communication alone, in the ranks' own process group, all ranks lined up by a barrier:
     median ms of one all-reduce per parameter (the given sizes, back to back), of one all-reduce
     of all of them in a single bucket, and of a 1-element all-reduce (alpha)."""
-    import torch.distributed as dist  # launch() made the process group
-
     def timed(tensors):
         out = []
         for _ in range(calls):

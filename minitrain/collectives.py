@@ -76,6 +76,7 @@ send without blocking (`dist.irecv` + `dist.isend`, or the group's `recv` / `sen
 a work handle at once), then wait for both.
 """
 import threading
+from collections import namedtuple
 
 import torch
 import torch.distributed as dist
@@ -83,12 +84,15 @@ import torch.distributed as dist
 from minitrain.comm_thread import run_on_comm_thread
 
 
+Ring = namedtuple("Ring", "group rank world right left")  # neighbours as indices in the group
+
+
 def _ring(group):
-    """(process group, my index, world size, right neighbour, left neighbour); the neighbours
-    are indices in the group, which is what the group's own send / recv take."""
+    """This rank's place in the ring of `group` (None: the default group). The neighbours are
+    indices in the group, which is what the group's own send / recv take."""
     pg = dist.group.WORLD if group is None else group
     rank, world = pg.rank(), pg.size()
-    return pg, rank, world, (rank + 1) % world, (rank - 1) % world
+    return Ring(pg, rank, world, (rank + 1) % world, (rank - 1) % world)
 
 
 def chunk_sizes(numel, world_size):
@@ -135,15 +139,13 @@ def _record(trace, phase, step, send_idx, recv_idx, chunks):
 
 def _send_all(ring, chunk, tag, segment_bytes, sends):
     """Post a send to the right neighbour per segment of `chunk` (all of it is ready now)."""
-    pg, right = ring[0], ring[3]
     for start, stop in segments(chunk.numel(), chunk.element_size(), segment_bytes):
-        sends.append(pg.send([chunk[start:stop]], right, tag))
+        sends.append(ring.group.send([chunk[start:stop]], ring.right, tag))
 
 
 def _post_recvs(ring, buffer, tag, segment_bytes):
     """Post a receive from the left neighbour per segment of `buffer`: [(work, start, stop)]."""
-    pg, left = ring[0], ring[4]
-    return [(pg.recv([buffer[start:stop]], left, tag), start, stop)
+    return [(ring.group.recv([buffer[start:stop]], ring.left, tag), start, stop)
             for start, stop in segments(buffer.numel(), buffer.element_size(), segment_bytes)]
 
 
@@ -193,7 +195,7 @@ def _post_all_gather_recvs(ring, chunks, segment_bytes):
     """Post every all-gather receive now: step s receives chunk (rank - s - 1) straight into
     place, distinct memory for every step. Returns [[(work, start, stop)] per step]. Tags start
     after the reduce-scatter's (0 .. N-2) so the two phases can be in flight together."""
-    rank, world = ring[1], ring[2]
+    rank, world = ring.rank, ring.world
     return [_post_recvs(ring, chunks[(rank - s - 1) % world], world - 1 + s, segment_bytes)
             for s in range(world - 1)]
 
@@ -237,14 +239,14 @@ def ring_all_reduce(tensor, group=None, *, trace=None, segment_bytes=None):
     if not isinstance(tensor, torch.Tensor):
         raise ValueError(f"tensor must be a torch.Tensor, got {type(tensor).__name__}")
     ring = _ring(group)
-    if ring[2] == 1 or tensor.numel() == 0:
+    if ring.world == 1 or tensor.numel() == 0:
         return
     run_on_comm_thread(_all_reduce_on_ring, ring, tensor, trace, segment_bytes)
 
 
 def _all_reduce_on_ring(ring, tensor, trace, segment_bytes):
     """The ring itself; ring_all_reduce runs it on the communication thread."""
-    world = ring[2]
+    world = ring.world
     flat = tensor.reshape(-1) if tensor.is_contiguous() else tensor.contiguous().view(-1)  # (n,)
     chunks = flat.split_with_sizes(chunk_sizes(flat.numel(), world))  # N views of flat
     _record(trace, "start", -1, None, None, chunks)
@@ -259,7 +261,7 @@ def _all_reduce_on_ring(ring, tensor, trace, segment_bytes):
 def ring_reduce_scatter(output, input, group=None, *, segment_bytes=None):
     """output (k elements) = sum over ranks of slice `rank` of input (N*k elements)."""
     ring = _ring(group)
-    world = ring[2]
+    world = ring.world
     _check_pair(output, input, world, "ring_reduce_scatter")
     if input.numel() != output.numel() * world:
         raise ValueError(f"ring_reduce_scatter: input has {input.numel()} elements but must have "
@@ -269,13 +271,13 @@ def ring_reduce_scatter(output, input, group=None, *, segment_bytes=None):
     chunks = list(torch.split(work, [output.numel()] * world))
     if world > 1 and output.numel() > 0:
         run_on_comm_thread(_reduce_scatter_chunks, ring, chunks, segment_bytes=segment_bytes)
-    output.copy_(chunks[ring[1]].view(output.shape))
+    output.copy_(chunks[ring.rank].view(output.shape))
 
 
 def ring_all_gather(output, input, group=None, *, segment_bytes=None):
     """output (N*k elements) = concatenation over ranks, in rank order, of input (k elements)."""
     ring = _ring(group)
-    world = ring[2]
+    world = ring.world
     _check_pair(output, input, world, "ring_all_gather")
     if output.numel() != input.numel() * world:
         raise ValueError(f"ring_all_gather: output has {output.numel()} elements but must have "
@@ -283,7 +285,7 @@ def ring_all_gather(output, input, group=None, *, segment_bytes=None):
                          "output with world_size times input's elements")
     work = torch.empty(output.numel(), dtype=output.dtype, device=output.device)  # (N*k,)
     chunks = list(torch.split(work, [input.numel()] * world))
-    chunks[ring[1]].copy_(input.reshape(-1))
+    chunks[ring.rank].copy_(input.reshape(-1))
     if world > 1 and input.numel() > 0:
         run_on_comm_thread(_all_gather_chunks, ring, chunks, segment_bytes=segment_bytes)
     output.copy_(work.view(output.shape))

@@ -18,8 +18,8 @@ Why these choices:
   or the from-scratch versions below; `gelu` picks GPT-2's tanh approximation (the default) or
   the exact erf form (a slightly different function: 5e-4 apart at most; on this CPU the
   "approximation" is the slower one: PyTorch's erf kernel is vectorized, measured 0.6 ms vs
-  1.6 ms forward+backward on (1024, 512), a 7% faster tiny-GPT step at B=8, T=128); `attention` picks "sdpa" (the built-in fused kernel),
-  "naive" or "flash" (both from scratch, minitrain.attention). Parameter names never change, so a
+  1.6 ms forward+backward on (1024, 512), a 7% faster tiny-GPT step at B=8, T=128); `attention`
+  picks "sdpa" (the built-in fused kernel), "naive" or "flash" (both from scratch, minitrain.attention). Parameter names never change, so a
   state_dict loads into every variant and they all compute the same function - that is what
   makes the speed ladder a fair comparison. (One difference: with dropout > 0 while training,
   only "sdpa" also drops attention probabilities; "naive"/"flash" drop on the residual paths only.)
